@@ -1,0 +1,40 @@
+"""Small layers around the kernels: RMSNorm (with fused residual add), RoPE, SiLU-and-mul."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.engine.layers.loading import copy_into, full
+from pdserve.kernels import ops
+from pdserve.kernels.rope import build_cos_sin_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        copy_into(param, full(loaded))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+        super().__init__()
+        cache = build_cos_sin_cache(head_dim, max_positions, theta, scaling)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, D] fp32
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return ops.rope(q, k, positions, self.cos_sin_cache)
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.silu_and_mul(x)

@@ -1,0 +1,120 @@
+"""Owns one rank's model and KV cache; turns a `StepBatch` into logits, and logits into tokens."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdserve.config import DeploymentConfig
+from pdserve.engine.loader import build_model
+from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.parallel import TPGroup
+from pdserve.engine.request import Request
+from pdserve.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from pdserve.engine.step import StepBatch
+from pdserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(config: DeploymentConfig, tp: TPGroup) -> torch.device:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' asked for, but no CUDA device is visible")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class ModelRunner:
+    def __init__(self, config: DeploymentConfig, spec: ModelSpec, tp: TPGroup, device: torch.device):
+        self.config, self.spec, self.tp, self.device = config, spec, tp, device
+        self.dtype = spec.resolve_dtype(config.dtype)
+        self.block_size = config.block_size
+        max_positions = config.max_model_len or spec.max_position_embeddings
+        self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
+        attn = self.model.attention_layers()[0]
+        self.num_kv_heads = attn.num_kv_heads  # local to this rank
+        self.num_blocks = self._num_kv_blocks()
+        # [L, 2, num_blocks, Hkv_local, block_size, D]: head-major blocks, one view per layer
+        self.kv_cache = torch.zeros(
+            spec.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, spec.head_dim,
+            dtype=self.dtype, device=device,
+        )
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.kv_cache = self.kv_cache[i]
+        self.max_model_len = self._max_model_len(max_positions)
+        self.sampler = Sampler()
+
+    def block_bytes(self) -> int:
+        return 2 * self.spec.num_layers * self.num_kv_heads * self.block_size * self.spec.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cpu":
+            return max(1, int(self.config.cpu_kv_cache_gib * 2**30) // self.block_bytes())
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - self._profile_activation_bytes()
+        if budget < self.block_bytes():
+            raise ConfigError(
+                f"gpu_memory_utilization: {self.config.gpu_memory_utilization} leaves no room for the KV cache "
+                f"after weights and activations ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f})"
+            )
+        return int(budget // self.block_bytes())
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of one forward over a full token budget, through a one-block scratch cache."""
+        T = self.config.max_num_batched_tokens
+        scratch = torch.zeros(2, 1, self.num_kv_heads, self.block_size, self.spec.head_dim,
+                              dtype=self.dtype, device=self.device)
+        for layer in self.model.attention_layers():
+            layer.kv_cache = scratch
+        blocks = -(-T // self.block_size)
+        batch = StepBatch(
+            input_ids=torch.zeros(T, dtype=torch.int64), positions=torch.arange(T),
+            slot_mapping=torch.arange(T) % self.block_size,
+            block_tables=torch.zeros(1, blocks, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32), seq_lens=torch.tensor([T], dtype=torch.int32),
+            logits_indices=torch.tensor([T - 1]), decode_only=False,
+        )
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.forward(batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del scratch
+        torch.cuda.empty_cache()
+        return peak
+
+    def _max_model_len(self, wanted: int) -> int:
+        capacity = self.num_blocks * self.block_size
+        if wanted <= capacity:
+            return wanted
+        if self.config.max_model_len is not None:
+            raise ConfigError(
+                f"max_model_len: {wanted} tokens do not fit the KV cache ({capacity} tokens); "
+                f"lower it or give the cache more memory"
+            )
+        log.info("max_model_len capped at the KV cache's capacity: %d tokens", capacity)
+        return capacity
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows."""
+        batch = batch.to(self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Rank 0: one token for each request, in the order of the logits' rows."""
+        sb = SamplingBatch.build(
+            [r.sampling_params for r in requests],
+            [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests],
+            [r.generator for r in requests],
+            self.spec.vocab_size,
+            self.device,
+        )
+        return self.sampler(logits, sb)

@@ -1,0 +1,113 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one parametrised model.
+
+Variants differ only in flags of `ModelSpec`: qkv bias (Qwen2), per-head QK-norm (Qwen3),
+tied embeddings, rope scaling, sliding window. All sequences of a step are one flat token
+batch `[T, ...]`; attention reads the paged cache through `AttentionMetadata`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.engine.layers.attention import Attention, AttentionMetadata
+from pdserve.engine.layers.basic import RMSNorm, RotaryEmbedding, SiluAndMul
+from pdserve.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pdserve.engine.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.parallel import TPGroup
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
+        super().__init__()
+        d = spec.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            spec.hidden_size, d, spec.num_heads, spec.num_kv_heads, tp, bias=spec.qkv_bias
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, tp)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = RotaryEmbedding(d, max_positions, spec.rope_theta, spec.rope_scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, spec.sliding_window)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]
+        T, d = x.shape[0], self.attn.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q, k, v = q.reshape(T, -1, d), k.reshape(T, -1, d), v.reshape(T, -1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q.contiguous(), k.contiguous())
+        out = self.attn(q, k, v.contiguous(), meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup):
+        super().__init__()
+        inter = spec.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [inter, inter], tp)
+        self.down_proj = RowParallelLinear(inter, spec.hidden_size, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(spec, tp, max_positions)
+        self.mlp = LlamaMLP(spec, tp)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (parameter name fragment, shard id) for merged projections
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, tp, max_positions) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden states [T, hidden]
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> [N, vocab] fp32
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]

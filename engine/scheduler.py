@@ -1,0 +1,121 @@
+"""Continuous batching by token counts.
+
+There is no prefill phase and no decode phase: each request has `num_computed_tokens`
+(tokens whose KV is in the cache) and `num_tokens` (prompt + generated). Each step gives
+requests a share of the `max_num_batched_tokens` budget so they catch up: a running
+decode gets 1 token, a prompt gets as much as fits (the rest waits for the next step:
+chunked prefill). Running requests are served first, oldest first; waiting ones join
+between steps. When blocks run out, the newest running request is preempted: its
+blocks are freed and it returns to the front of the queue to be recomputed. Nothing is
+ever dropped.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.kv_cache_manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: which requests compute how many new tokens (in batch order)."""
+
+    scheduled: list[tuple[Request, int]]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._make_room(req, n, preempted):
+                break  # `req` itself was the newest and got preempted
+            scheduled.append((req, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _make_room(self, req: Request, n: int, preempted: list[Request]) -> bool:
+        while not self.kv.can_allocate(req, n):
+            victim = self.running.pop()  # the newest
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        self.kv.allocate(req, n)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.can_allocate(req, n):
+                break  # FCFS: later arrivals do not jump the queue
+            self.waiting.popleft()
+            self.kv.allocate(req, n)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+        return budget
+
+    def update(self, output: SchedulerOutput, sampled: dict[Request, int]) -> list[Request]:
+        """Advance the requests of a finished step; return those that finished."""
+        finished = []
+        for req, n in output.scheduled:
+            req.num_computed_tokens += n
+        for req, token in sampled.items():
+            req.append_token(token)
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self.finish(req, status)
+                finished.append(req)
+        return finished
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End `req` wherever it is (waiting or running) and free its blocks at once."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = status

@@ -1,0 +1,86 @@
+"""The plain per-step input handed to the model: tensors only, no request objects.
+
+Rank 0 builds it from the scheduler's plan; under tensor parallelism it travels to the
+other ranks as one flat int64 tensor (`pack` / `unpack`), never pickled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.layers.attention import AttentionMetadata
+from pdserve.engine.scheduler import SchedulerOutput
+
+_HEADER = 5  # T, S, max_blocks, N, decode_only
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    query_start_loc: torch.Tensor  # [S+1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    logits_indices: torch.Tensor  # [N] int64: rows of the hidden states that get sampled
+    decode_only: bool
+
+    @classmethod
+    def build(cls, plan: SchedulerOutput, block_size: int) -> StepBatch:
+        ids, pos, slots, q_start, seq_lens, logit_rows, tables = [], [], [], [0], [], [], []
+        for req, n in plan.scheduled:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            ids += req.all_token_ids[start:end]
+            pos += range(start, end)
+            table = req.block_table
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            q_start.append(q_start[-1] + n)
+            seq_lens.append(end)
+            tables.append(table)
+            if end == req.num_tokens:  # caught up: this step samples its next token
+                logit_rows.append(q_start[-1] - 1)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            positions=torch.tensor(pos, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=torch.tensor(padded, dtype=torch.int32),
+            query_start_loc=torch.tensor(q_start, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64),
+            decode_only=len(ids) == len(plan.scheduled),
+        )
+
+    def attention_metadata(self) -> AttentionMetadata:
+        return AttentionMetadata(
+            self.slot_mapping, self.block_tables, self.query_start_loc, self.seq_lens, self.decode_only
+        )
+
+    def to(self, device: torch.device) -> StepBatch:
+        moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return StepBatch(**moved, decode_only=self.decode_only)
+
+    def pack(self) -> torch.Tensor:
+        """One flat int64 tensor: a header of sizes, then every field."""
+        S, M = self.block_tables.shape
+        header = torch.tensor(
+            [len(self.input_ids), S, M, len(self.logits_indices), int(self.decode_only)], dtype=torch.int64
+        )
+        parts = [header, self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
+                 self.query_start_loc, self.seq_lens, self.logits_indices]
+        return torch.cat([p.to(torch.int64) for p in parts])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor) -> StepBatch:
+        T, S, M, N, decode_only = flat[:_HEADER].tolist()
+        sizes = [T, T, T, S * M, S + 1, S, N]
+        ids, pos, slots, tables, q_start, seq_lens, rows = flat[_HEADER:].split(sizes)
+        return cls(ids, pos, slots, tables.view(S, M).int(), q_start.int(), seq_lens.int(), rows,
+                   bool(decode_only))
+
+    @staticmethod
+    def packed_size(flat_header: torch.Tensor) -> int:
+        T, S, M, N, _ = flat_header[:_HEADER].tolist()
+        return _HEADER + 3 * T + S * M + (S + 1) + S + N

@@ -1,0 +1,133 @@
+"""Deployment configuration: one YAML file, validated at load against a typed schema.
+
+Unknown keys are errors. Every error names the file, the field path and what is wrong.
+Values derived at run time (the resolved model folder, the number of KV blocks) live
+with the engine, not here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pdserve.errors import ConfigError
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    """A pool of identical workers; each worker is a gang of `tp_size` ranks."""
+
+    count: int = Field(1, ge=1)
+    tp_size: int = Field(1, ge=1)
+
+    @field_validator("tp_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    http_port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+
+
+class LimitsConfig(_Strict):
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_tokens: int = Field(4096, ge=1)
+    max_request_bytes: int = Field(1 << 20, ge=1)
+    max_concurrent_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start a local cluster; "auto": join the running one
+
+
+class DeploymentConfig(_Strict):
+    """What a user writes in a deployment YAML file; every field has a default."""
+
+    model: str = EMBEDDED_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    seed: int = 0  # for dummy weights
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(16, ge=1, le=256)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
+    num_kv_blocks: int | None = Field(None, ge=1)  # overrides memory-based sizing
+    max_num_seqs: int = Field(128, ge=1)
+    max_num_batched_tokens: int = Field(4096, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    enable_cuda_graphs: bool = True
+    disaggregated: bool = True
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+    transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
+    transfer_timeout_s: float = Field(30.0, gt=0.0)
+    rank_timeout_s: float = Field(60.0, gt=0.0)
+    router: RouterConfig = RouterConfig()
+    limits: LimitsConfig = LimitsConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget_holds_a_sequence(self) -> DeploymentConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode each step"
+            )
+        return self
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<config>") -> DeploymentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <top level>: expected a mapping, got {type(data).__name__}")
+    try:
+        return DeploymentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> DeploymentConfig:
+    """Load a deployment file (None: the embedded default) and apply keyword overrides."""
+    if path is None:
+        return parse_config({k: v for k, v in overrides.items() if v is not None}, "<defaults>")
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_config(data, str(path))
