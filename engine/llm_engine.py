@@ -82,6 +82,9 @@ class LLMEngine:
             return []
         sampling = [req for req, n in plan.scheduled if req.num_computed_tokens + n == req.num_tokens]
         logits = self.execute(StepBatch.build(plan, self.config.block_size))
+        if not sampling:  # only partial prompt chunks this step
+            self.scheduler.update(plan, {})
+            return []
         out = self.runner.sample(logits, sampling)
         tokens = out.token_ids.tolist()  # the step's one host sync
         finished = self.scheduler.update(plan, dict(zip(sampling, tokens)))

@@ -39,7 +39,6 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
-    output_logprobs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

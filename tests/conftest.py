@@ -1,0 +1,87 @@
+"""Shared factories: tiny random Hugging Face checkpoints, engines over them, the HF reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep torch from oversubscribing the small CI machine when Ray workers share it.
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.3,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+# variant name -> (model_type, architecture, config overrides)
+VARIANTS = {
+    "llama-gqa-untied": ("llama", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "llama-mha-tied": ("llama", "LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "llama3-rope-scaling": ("llama", "LlamaForCausalLM", {
+        "rope_theta": 10000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    }),
+    "qwen2-qkv-bias": ("qwen2", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3-qk-norm": ("qwen3", "Qwen3ForCausalLM", {"tie_word_embeddings": False}),
+    "mistral-sliding-window": ("mistral", "MistralForCausalLM", {"sliding_window": 8}),
+}
+
+
+def make_tiny_checkpoint(folder, variant: str, seed: int = 0, **overrides) -> str:
+    """Write a random tiny checkpoint (config.json + safetensors) of `variant`; return its folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, arch, extra = VARIANTS[variant]
+    cfg = AutoConfig.for_model(model_type, architectures=[arch], **{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if getattr(model, "model", None) is not None and model_type == "qwen2":
+        for layer in model.model.layers:  # HF initialises biases to zero; make them matter
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.3)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: make_tiny_checkpoint(root / v, v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    from pdserve.engine.model_source import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+def make_engine(model: str, **overrides):
+    from pdserve.config import load_config
+    from pdserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(load_config(None, model=model, device="cpu", **{"dtype": "float32", **overrides}))
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy `generate`, one prompt at a time (no padding), fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def assert_pool_full(engine) -> None:
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks, (
+        f"{engine.kv.num_blocks - engine.kv.num_free_blocks} blocks still held"
+    )

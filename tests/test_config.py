@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from pdserve.cli import main
+from pdserve.config import DeploymentConfig, load_config
+from pdserve.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, capsys):
+    assert main(["config", "validate", str(path)]) == 0
+    assert capsys.readouterr().out == "ok\n"
+
+
+def test_default_yaml_is_the_builtin_default():
+    on_disk = load_config(Path(__file__).parent.parent / "configs" / "default.yaml")
+    builtin = load_config(None)
+    for field in ("model", "dtype", "block_size", "disaggregated", "prefill", "decode", "router"):
+        assert getattr(on_disk, field) == getattr(builtin, field)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("block_size: 3\n", "block_size: must be a power of two, got 3"),
+        ("prefill: {count: 0}\n", "prefill.count: Input should be greater than or equal to 1"),
+        ("decode: {tp_size: 3}\n", "decode.tp_size: must be a power of two, got 3"),
+        ("router: {grpc_port: 70000}\n", "router.grpc_port: Input should be less than or equal to 65535"),
+        ("modle: x\n", "modle: unknown field"),
+        ("limits: {max_tokenz: 5}\n", "limits.max_tokenz: unknown field"),
+        ("dtype: float64\n", "dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        ("gpu_memory_utilization: 1.5\n", "gpu_memory_utilization: Input should be less than or equal to 1"),
+        ("- a list\n", "<top level>: expected a mapping, got list"),
+        ("max_num_seqs: 64\nmax_num_batched_tokens: 8\n", "max_num_batched_tokens (8) must be >= max_num_seqs"),
+        ("model: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_malformed_config_names_file_and_field(tmp_path, capsys, text, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(bad) in err.value.message and expected in err.value.message
+    assert main(["config", "validate", str(bad)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_validate():
+    assert load_config(None, block_size=8).block_size == 8
+    assert isinstance(load_config(None), DeploymentConfig)
+    with pytest.raises(ConfigError, match="block_size"):
+        load_config(None, block_size=6)
