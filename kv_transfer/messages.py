@@ -1,0 +1,160 @@
+"""Typed messages and states shared by both halves of a KV transfer and by every transport."""
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, fields
+
+import torch
+from pdserve.kv_transfer.layout import HeadRange
+
+Range = tuple[int, int]
+
+
+class TransferState(enum.Enum):
+    """WAITING -> TRANSFERRING -> DONE | FAILED. A FAILED transfer carries the reason in its result."""
+
+    WAITING = "waiting"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED)
+
+
+class TransportKind(enum.Enum):
+    TORCH = "torch"  # torch.distributed: nccl for CUDA caches, gloo for CPU caches
+    GRPC = "grpc"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one receiving rank listens. The kind says how to reach it; nothing is parsed from strings."""
+
+    kind: TransportKind
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A receiving TP gang: endpoints[r] is receiving rank r; the gang's TP size is len(endpoints)."""
+
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class TransferHeader:
+    """What one sending rank ships to one receiving rank for one transfer, sent once before its messages.
+
+    Both ends derive the same message sequence from it (message_plan), so on NCCL the receiver posts every
+    receive without waiting for a per-message header.
+    """
+
+    transfer_id: int
+    num_blocks: int
+    heads: HeadRange  # global kv heads carried, a sub-range of the receiving rank's heads
+    layers_per_message: int
+    blocks_per_message: int
+
+    def to_tensor(self, device: torch.device) -> torch.Tensor:
+        # [HEADER_LEN] int64: kind, id, n, head start, head end, layers/msg, blocks/msg (kind 1 = transfer, 0 = close)
+        values = [1, self.transfer_id, self.num_blocks, *self.heads, self.layers_per_message,
+                  self.blocks_per_message]
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> TransferHeader | None:
+        """None for the close marker."""
+        if values[0] == 0:
+            return None
+        _, tid, n, hs, he, lpm, bpm = values
+        return cls(tid, n, (hs, he), lpm, bpm)
+
+
+HEADER_LEN = 7
+CLOSE_MARKER = [0] * HEADER_LEN
+
+
+@dataclass(frozen=True)
+class MessagePart:
+    """One message of a transfer: these layers of these blocks (indices into the transfer's block list)."""
+
+    layers: Range
+    blocks: Range
+
+    def num_units(self, num_heads: int) -> int:
+        """(layer, head, block) triples covered; a transfer is complete when they add up."""
+        return (self.layers[1] - self.layers[0]) * (self.blocks[1] - self.blocks[0]) * num_heads
+
+
+def message_plan(num_layers: int, header: TransferHeader) -> list[MessagePart]:
+    """The ordered messages of a transfer: groups of layers, each split into block chunks if too large."""
+    lpm, bpm, n = header.layers_per_message, header.blocks_per_message, header.num_blocks
+    parts = []
+    for ls in range(0, num_layers, lpm):
+        le = min(ls + lpm, num_layers)
+        parts.extend(MessagePart((ls, le), (bs, min(bs + bpm, n))) for bs in range(0, n, bpm))
+    return parts
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """How a transfer ended, as either side saw it."""
+
+    transfer_id: int
+    state: TransferState
+    num_bytes: int
+    duration_s: float
+    error: str | None = None
+
+
+@dataclass
+class TransferStats:
+    """Counters for metrics; read a consistent copy with snapshot()."""
+
+    bytes_moved: int = 0
+    transfers_started: int = 0
+    transfers_done: int = 0
+    transfers_failed: int = 0
+    handshakes_refused: int = 0
+    groups_created: int = 0
+    groups_torn_down: int = 0
+    total_duration_s: float = 0.0
+    max_duration_s: float = 0.0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def add(self, **deltas) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def record_finish(self, result: TransferResult) -> None:
+        with self._lock:
+            if result.state is TransferState.DONE:
+                self.transfers_done += 1
+                self.bytes_moved += result.num_bytes
+            else:
+                self.transfers_failed += 1
+            self.total_duration_s += result.duration_s
+            self.max_duration_s = max(self.max_duration_s, result.duration_s)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Deadlines and staging sizes. Every wait in a transfer is bounded by one of these."""
+
+    timeout_s: float = 30.0  # a transfer's deadline, from expect() / start_send() unless given per call
+    connect_timeout_s: float = 20.0  # handshake and process-group creation of a new pair
+    idle_timeout_s: float = 60.0  # a sender closes a pair unused this long; a receiver gives up at twice it
+    staging_buffers: int = 4
+    staging_bytes: int = 64 << 20  # also the largest message
+    grpc_chunk_bytes: int = 1 << 20

@@ -1,0 +1,128 @@
+"""One sending rank's link to one receiving rank: a FIFO of transfers, one thread, one cached connection."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+
+import torch
+from pdserve.kernels import ops
+from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.plan import SendSlice, message_shape
+
+from pdserve.errors import TransferError
+
+
+def open_link(endpoint: Endpoint, device: torch.device, config):
+    if endpoint.kind is TransportKind.TORCH:
+        from pdserve.kv_transfer.torch_dist import TorchDistLink
+        return TorchDistLink(endpoint.host, endpoint.port, device, config)
+    from pdserve.kv_transfer.grpc_transport import GrpcLink
+    return GrpcLink(endpoint.host, endpoint.port, device, config)
+
+
+class PairWorker:
+    """Sends transfers to one receiving rank strictly in the order they were started (so they complete in
+    order), over a link built on first use, rebuilt after a teardown, and closed after idling."""
+
+    def __init__(self, sender, endpoint: Endpoint, dst_rank: int, dst_tp_size: int):
+        self.sender, self.endpoint = sender, endpoint
+        self.dst_rank, self.dst_tp_size = dst_rank, dst_tp_size
+        self._queue: collections.deque = collections.deque()  # (Outgoing, SendSlice)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._link = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint.port}", daemon=True)
+        self._thread.start()
+
+    def submit(self, out, part: SendSlice) -> None:
+        with self._cond:
+            self._queue.append((out, part))
+            self._cond.notify()
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._queue)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _next(self):
+        """The next transfer, or None once idle past the timeout (the worker then retires)."""
+        idle_until = time.monotonic() + self.sender.config.idle_timeout_s
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping and time.monotonic() < idle_until:
+                    self._cond.wait(idle_until - time.monotonic())
+                if self._queue:
+                    return self._queue.popleft()
+            if self._stopping or self.sender.retire(self):
+                return None
+
+    def _run(self) -> None:
+        device = self.sender.kv_cache.device
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            while (item := self._next()) is not None:
+                out, part = item
+                try:
+                    self.sender.part_done(out, self._send(out, part))
+                except Exception as e:  # noqa: BLE001 - whatever broke, this transfer fails with the reason
+                    self._drop_link(graceful=False)
+                    reason = e.message if isinstance(e, TransferError) else f"{type(e).__name__}: {e}"
+                    self.sender.fail(out, f"sending to rank {self.dst_rank} failed: {reason}")
+            self._drop_link(graceful=True)
+
+    def _send(self, out, part: SendSlice) -> int:
+        """Gather each message into staging and send it; returns the bytes sent."""
+        sender, layout = self.sender, self.sender.layout
+        link = self._ensure_link(out.transfer_id, out.deadline)
+        lpm, bpm = message_shape(layout, len(out.block_ids), part.heads[1] - part.heads[0],
+                                 sender.staging.buffer_bytes)
+        header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm)
+        hs = layout.heads[0]
+        local_heads = (part.heads[0] - hs, part.heads[1] - hs)
+        link.begin(header, out.deadline)
+        num_bytes = 0
+        for msg in message_plan(layout.num_layers, header):
+            out.wait_layers(msg.layers[1], out.deadline)
+            buf = sender.staging.acquire(out.deadline)
+            try:
+                shape = (msg.layers[1] - msg.layers[0], 2, msg.blocks[1] - msg.blocks[0],
+                         local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
+                payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
+                ops.gather_blocks_into(sender.kv_cache, out.block_index[msg.blocks[0]:msg.blocks[1]], payload,
+                                       msg.layers, local_heads)
+                link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
+            finally:
+                sender.staging.release(buf)
+            num_bytes += payload.nbytes
+        link.flush(out.deadline)
+        return num_bytes
+
+    def _ensure_link(self, transfer_id: int, deadline: float):
+        if self._link is not None and not self._link.is_open():
+            self._drop_link(graceful=False)  # the receiver tore the pair down: rebuild it
+        if self._link is None:
+            link = open_link(self.endpoint, self.sender.kv_cache.device, self.sender.config)
+            try:
+                remote = link.connect(self.sender.layout, transfer_id, deadline)
+            except Exception:
+                link.close(graceful=False)
+                raise
+            self._link = link
+            self.sender.stats.add(groups_created=1)
+            if (remote.tp_size, remote.tp_rank) != (self.dst_tp_size, self.dst_rank):
+                raise TransferError(f"endpoint {self.endpoint} is rank {remote.tp_rank} of {remote.tp_size}, "
+                                    f"the destination names it rank {self.dst_rank} of {self.dst_tp_size}")
+        return self._link
+
+    def _drop_link(self, graceful: bool) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(graceful)
+            self.sender.stats.add(groups_torn_down=1)

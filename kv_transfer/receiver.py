@@ -1,0 +1,259 @@
+"""Decode side: expect a transfer into reserved blocks; report its state without blocking the step loop."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pdserve.kernels import ops
+from pdserve.kv_transfer.layout import KVLayout
+from pdserve.kv_transfer.messages import (
+    MessagePart,
+    TransferConfig,
+    TransferHeader,
+    TransferResult,
+    TransferState,
+    TransferStats,
+    TransportKind,
+)
+from pdserve.kv_transfer.staging import StagingPool
+
+from pdserve.errors import TransferError
+
+ReleaseBlocks = Callable[[list[int]], None]
+_FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
+
+
+@dataclass
+class _Incoming:
+    transfer_id: int
+    block_ids: list[int]
+    block_index: torch.Tensor  # [n] int64 on the cache's device
+    deadline: float
+    units_left: int  # (layer, head, block) triples still to arrive
+    start: float = field(default_factory=time.monotonic)
+    state: TransferState = TransferState.WAITING
+    num_bytes: int = 0
+    conns: set[int] = field(default_factory=set)
+    last_scatter: torch.cuda.Event | None = None  # CUDA: the latest scatter enqueued on a side stream
+    lock: threading.Lock = field(default_factory=threading.Lock)  # orders scatters against failure
+
+
+class KVReceiver:
+    """Worker-side half on one decode rank, over one transport.
+
+    The scheduler calls expect() for blocks it reserved, then polls state() / get_finished() each step.
+    Transports deliver messages on their own threads (a side CUDA stream on GPU), so no step waits.
+    On failure the destination blocks go back through `release_blocks` (called from a transfer thread);
+    on success they hold the KV and belong to the caller's sequence.
+    """
+
+    def __init__(self, layout: KVLayout, kv_cache: torch.Tensor, release_blocks: ReleaseBlocks,
+                 transport: TransportKind, host: str = "127.0.0.1", config: TransferConfig | None = None):
+        # kv_cache: [L, 2, num_blocks, H_local, Bs, D]
+        self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
+        self.stats = TransferStats()
+        self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        self._release = release_blocks
+        self._lock = threading.Condition()
+        self._active: dict[int, _Incoming] = {}
+        self._finished: collections.OrderedDict[int, TransferResult] = collections.OrderedDict()
+        self._uncollected: list[TransferResult] = []
+        self._rejected: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._quarantine: list[_Incoming] = []  # failed, waiting for enqueued scatters before release
+        self._conn_ids = iter(range(1, 1 << 62))
+        self._closed = threading.Event()
+        self._ingest = _make_ingest(transport, self, host)
+        self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
+        self._watchdog.start()
+
+    @property
+    def endpoint(self):
+        """Where senders reach this rank (an Endpoint)."""
+        return self._ingest.endpoint
+
+    # ---- scheduler-facing ----------------------------------------------------------------------------
+    def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None) -> None:
+        """Start waiting for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline."""
+        n = len(block_ids)
+        inc = _Incoming(transfer_id, list(block_ids),
+                        torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device),
+                        time.monotonic() + (timeout_s or self.config.timeout_s),
+                        units_left=self.layout.num_layers * self.layout.num_local_heads * n)
+        with self._lock:
+            if transfer_id in self._active or transfer_id in self._finished:
+                raise TransferError(f"transfer {transfer_id} is already known to this receiver")
+            self._active[transfer_id] = inc
+            rejected = self._rejected.pop(transfer_id, None)
+            self._lock.notify_all()
+        self.stats.add(transfers_started=1)
+        if rejected is not None:
+            self._fail(inc, rejected)
+
+    def state(self, transfer_id: int) -> TransferState | None:
+        """Non-blocking. None for an id never expected (or finished long ago)."""
+        with self._lock:
+            if transfer_id in self._active:
+                return self._active[transfer_id].state
+            result = self._finished.get(transfer_id)
+            return result.state if result else None
+
+    def get_finished(self) -> list[TransferResult]:
+        """Non-blocking: transfers that ended (DONE or FAILED, with the reason) since the last call."""
+        with self._lock:
+            out, self._uncollected = self._uncollected, []
+        return out
+
+    def wait(self, transfer_id: int, timeout_s: float) -> TransferResult:
+        """Block (bounded) until the transfer ends; for callers that may block, such as tests and tools."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while transfer_id not in self._finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferError(f"transfer {transfer_id} did not finish within {timeout_s}s")
+                self._lock.wait(left)
+            return self._finished[transfer_id]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._ingest.close()
+        with self._lock:
+            active = list(self._active.values())
+        for inc in active:
+            self._fail(inc, "receiver closed")
+
+    # ---- transport-facing ----------------------------------------------------------------------------
+    def new_conn_id(self) -> int:
+        with self._lock:
+            return next(self._conn_ids)
+
+    def reject(self, transfer_id: int, reason: str) -> None:
+        """A handshake for `transfer_id` was refused: fail it now, or as soon as it is expected."""
+        self.stats.add(handshakes_refused=1)
+        with self._lock:
+            inc = self._active.get(transfer_id)
+            if inc is None:
+                self._rejected[transfer_id] = reason
+                while len(self._rejected) > _FINISHED_KEPT:
+                    self._rejected.popitem(last=False)
+        if inc is not None:
+            self._fail(inc, reason)
+
+    def open_part(self, conn_id: int, header: TransferHeader) -> _Incoming:
+        """The expectation a sender's part belongs to; waits (bounded) for expect() if the sender is early."""
+        deadline = time.monotonic() + self.config.timeout_s
+        with self._lock:
+            while (inc := self._active.get(header.transfer_id)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or header.transfer_id in self._finished:
+                    raise TransferError(f"transfer {header.transfer_id} is not expected by this receiver")
+                self._lock.wait(left)
+            inc.conns.add(conn_id)
+        hs, he = self.layout.heads
+        if header.num_blocks != len(inc.block_ids) or not hs <= header.heads[0] < header.heads[1] <= he:
+            reason = (f"transfer {header.transfer_id}: sender ships {header.num_blocks} blocks of heads "
+                      f"{header.heads}, receiver expects {len(inc.block_ids)} blocks of heads {self.layout.heads}")
+            self._fail(inc, reason)
+            raise TransferError(reason)
+        return inc
+
+    def part_shape(self, header: TransferHeader, part: MessagePart) -> tuple[int, ...]:
+        """Shape of one message's payload: [Lm, 2, nm, Hm, Bs, D]."""
+        return (part.layers[1] - part.layers[0], 2, part.blocks[1] - part.blocks[0],
+                header.heads[1] - header.heads[0], self.layout.block_size, self.layout.head_dim)
+
+    def scatter(self, inc: _Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
+        """Write one received message into the reserved blocks; False if the transfer already ended."""
+        hs = self.layout.heads[0]
+        heads = (header.heads[0] - hs, header.heads[1] - hs)  # global -> this rank's local head indices
+        with inc.lock:
+            if inc.state.finished:
+                return False
+            inc.state = TransferState.TRANSFERRING
+            ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
+                               part.layers, heads)
+            if buf.is_cuda:
+                inc.last_scatter = torch.cuda.Event()
+                inc.last_scatter.record()
+            inc.num_bytes += buf.numel() * buf.element_size()
+            inc.units_left -= part.num_units(heads[1] - heads[0])
+            complete = inc.units_left == 0 and inc.last_scatter is None
+            if complete:
+                inc.state = TransferState.DONE
+        if complete:
+            self._finish(inc, TransferState.DONE, None)
+        return True
+
+    def conn_lost(self, conn_id: int, reason: str) -> None:
+        """A pair broke: the transfers it was delivering cannot complete."""
+        with self._lock:
+            hit = [inc for inc in self._active.values() if conn_id in inc.conns]
+        for inc in hit:
+            self._fail(inc, f"connection to the sender was lost: {reason}")
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _fail(self, inc: _Incoming, reason: str) -> None:
+        with inc.lock:
+            if inc.state.finished:
+                return
+            inc.state = TransferState.FAILED
+        for conn_id in inc.conns:
+            self._ingest.drop_conn(conn_id)
+        self._finish(inc, TransferState.FAILED, reason)
+        pending = inc.last_scatter is not None and not inc.last_scatter.query()
+        if pending:
+            with self._lock:
+                self._quarantine.append(inc)
+        else:
+            self._release(inc.block_ids)
+
+    def _finish(self, inc: _Incoming, state: TransferState, error: str | None) -> None:
+        # The caller has already moved inc.state to `state` under inc.lock (so exactly one caller gets here).
+        result = TransferResult(inc.transfer_id, state, inc.num_bytes, time.monotonic() - inc.start, error)
+        with self._lock:
+            self._active.pop(inc.transfer_id, None)
+            self._finished[inc.transfer_id] = result
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
+            self._uncollected.append(result)
+            self._lock.notify_all()
+        self.stats.record_finish(result)
+
+    def _settle(self, inc: _Incoming) -> None:
+        """CUDA: every byte arrived and the last scatter ran."""
+        with inc.lock:
+            if inc.state.finished:
+                return
+            inc.state = TransferState.DONE
+        self._finish(inc, TransferState.DONE, None)
+
+    def _watch(self) -> None:
+        """Enforce deadlines, settle CUDA scatters, release quarantined blocks; every 10 ms."""
+        while not self._closed.wait(0.01):
+            now = time.monotonic()
+            with self._lock:
+                active = list(self._active.values())
+                quarantine, self._quarantine = self._quarantine, []
+            for inc in active:
+                if now > inc.deadline:
+                    self._fail(inc, f"timed out after {now - inc.start:.1f}s ({inc.units_left} units missing)")
+                elif inc.units_left == 0 and inc.last_scatter is not None and inc.last_scatter.query():
+                    self._settle(inc)
+            for inc in quarantine:
+                if inc.last_scatter.query():
+                    self._release(inc.block_ids)
+                else:
+                    with self._lock:
+                        self._quarantine.append(inc)
+
+
+def _make_ingest(kind: TransportKind, receiver: KVReceiver, host: str):
+    if kind is TransportKind.TORCH:
+        from pdserve.kv_transfer.torch_ingest import TorchDistIngest
+        return TorchDistIngest(receiver, host)
+    from pdserve.kv_transfer.grpc_transport import GrpcIngest
+    return GrpcIngest(receiver, host)

@@ -1,0 +1,199 @@
+"""Prefill side: ship the KV of a set of blocks, whole or layer by layer as prefill writes it."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pdserve.kv_transfer.layout import KVLayout
+from pdserve.kv_transfer.messages import (
+    Destination,
+    TransferConfig,
+    TransferResult,
+    TransferState,
+    TransferStats,
+)
+from pdserve.kv_transfer.pair_worker import PairWorker
+from pdserve.kv_transfer.plan import plan_sends
+from pdserve.kv_transfer.staging import StagingPool
+
+from pdserve.errors import TransferError
+
+ReleaseBlocks = Callable[[list[int]], None]
+_FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
+
+
+@dataclass
+class Outgoing:
+    """One transfer as its sending rank sees it; shared by the pair workers carrying its slices."""
+
+    transfer_id: int
+    block_ids: list[int]
+    block_index: torch.Tensor  # [n] int64 on the cache's device
+    deadline: float
+    parts_left: int  # slices (one per receiving rank) not yet sent
+    start: float = field(default_factory=time.monotonic)
+    state: TransferState = TransferState.WAITING
+    num_bytes: int = 0
+    layers_ready: int = 0
+    layer_events: list = field(default_factory=list)  # CUDA: event per saved layer, on the prefill stream
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_layers(self, upto: int, deadline: float) -> None:
+        """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on them."""
+        with self.cond:
+            while self.layers_ready < upto and not self.state.finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferError(f"layers up to {upto} were not saved within the deadline")
+                self.cond.wait(left)
+            if self.state.finished:
+                raise TransferError(f"transfer {self.transfer_id} ended on another pair")
+            events = self.layer_events[:upto]
+        for event in events:
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+
+
+class KVSender:
+    """Worker-side half on one prefill rank.
+
+    start_send() names the blocks and the destination gang; save_kv_layer() marks each layer written (in
+    order, as prefill produces them) and save_kv() marks all at once. Each receiving rank of the plan gets
+    its heads over a cached pair, in the order transfers were started. Neither call blocks on the network.
+    Source blocks go back through `release_blocks` when the transfer ends, done or failed.
+    """
+
+    def __init__(self, layout: KVLayout, kv_cache: torch.Tensor, release_blocks: ReleaseBlocks,
+                 config: TransferConfig | None = None):
+        # kv_cache: [L, 2, num_blocks, H_local, Bs, D]
+        self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
+        self.stats = TransferStats()
+        self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        self._release = release_blocks
+        self._lock = threading.Condition()
+        self._active: dict[int, Outgoing] = {}
+        self._finished: collections.OrderedDict[int, TransferResult] = collections.OrderedDict()
+        self._uncollected: list[TransferResult] = []
+        self._workers: dict = {}  # Endpoint -> PairWorker
+
+    def start_send(self, transfer_id: int, dest: Destination, block_ids: list[int],
+                   timeout_s: float | None = None) -> None:
+        """Register a transfer of `block_ids` to the gang `dest`; nothing moves until layers are saved."""
+        slices = plan_sends(self.layout, len(dest.endpoints))
+        out = Outgoing(transfer_id, list(block_ids),
+                       torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device),
+                       time.monotonic() + (timeout_s or self.config.timeout_s), parts_left=len(slices))
+        with self._lock:
+            if transfer_id in self._active or transfer_id in self._finished:
+                raise TransferError(f"transfer {transfer_id} is already known to this sender")
+            self._active[transfer_id] = out
+            for s in slices:
+                self._worker(dest.endpoints[s.dst_rank], s.dst_rank, len(dest.endpoints)).submit(out, s)
+        self.stats.add(transfers_started=1)
+        if not slices:  # this rank holds no head that the chosen plan takes from it
+            self._finish(out, TransferState.DONE, None)
+
+    def save_kv_layer(self, transfer_id: int, layer: int) -> None:
+        """Layer `layer` of the transfer's blocks is written (by work enqueued on the current stream)."""
+        out = self._get(transfer_id)
+        event = None
+        if self.kv_cache.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        with out.cond:
+            if layer != out.layers_ready:
+                raise TransferError(f"transfer {transfer_id}: layer {layer} saved, {out.layers_ready} expected")
+            out.layer_events.append(event)
+            out.layers_ready += 1
+            out.cond.notify_all()
+
+    def save_kv(self, transfer_id: int) -> None:
+        """All remaining layers are written: send them as a whole (in as few messages as staging allows)."""
+        out = self._get(transfer_id)
+        for layer in range(out.layers_ready, self.layout.num_layers):
+            self.save_kv_layer(transfer_id, layer)
+
+    def state(self, transfer_id: int) -> TransferState | None:
+        with self._lock:
+            if transfer_id in self._active:
+                return self._active[transfer_id].state
+            result = self._finished.get(transfer_id)
+            return result.state if result else None
+
+    def wait_for_save(self, transfer_id: int, timeout_s: float) -> TransferResult:
+        """Block (bounded) until every message of the transfer has been sent, or it failed."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while transfer_id not in self._finished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferError(f"transfer {transfer_id} was not sent within {timeout_s}s")
+                self._lock.wait(left)
+            return self._finished[transfer_id]
+
+    def get_finished(self) -> list[TransferResult]:
+        """Non-blocking: transfers that ended since the last call."""
+        with self._lock:
+            out, self._uncollected = self._uncollected, []
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.stop()
+
+    # ---- called by pair workers ----------------------------------------------------------------------
+    def part_done(self, out: Outgoing, num_bytes: int) -> None:
+        with out.cond:
+            out.num_bytes += num_bytes
+            out.parts_left -= 1
+            done = out.parts_left == 0 and not out.state.finished
+        if done:
+            self._finish(out, TransferState.DONE, None)
+
+    def fail(self, out: Outgoing, reason: str) -> None:
+        self._finish(out, TransferState.FAILED, reason)
+
+    def retire(self, worker: PairWorker) -> bool:
+        """An idle worker leaves, unless a transfer was queued on it meanwhile."""
+        with self._lock:
+            if worker.has_work():
+                return False
+            self._workers.pop(worker.endpoint, None)
+            return True
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _worker(self, endpoint, dst_rank: int, dst_tp_size: int) -> PairWorker:
+        worker = self._workers.get(endpoint)
+        if worker is None:
+            worker = self._workers[endpoint] = PairWorker(self, endpoint, dst_rank, dst_tp_size)
+        return worker
+
+    def _get(self, transfer_id: int) -> Outgoing:
+        with self._lock:
+            out = self._active.get(transfer_id)
+        if out is None:
+            raise TransferError(f"transfer {transfer_id} is not active on this sender")
+        return out
+
+    def _finish(self, out: Outgoing, state: TransferState, error: str | None) -> None:
+        with out.cond:
+            if out.state.finished:
+                return
+            out.state = state
+            out.cond.notify_all()
+        result = TransferResult(out.transfer_id, state, out.num_bytes, time.monotonic() - out.start, error)
+        with self._lock:
+            self._active.pop(out.transfer_id, None)
+            self._finished[out.transfer_id] = result
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
+            self._uncollected.append(result)
+            self._lock.notify_all()
+        self.stats.record_finish(result)
+        self._release(out.block_ids)

@@ -1,0 +1,57 @@
+"""A bounded pool of reusable staging buffers: blocks are gathered into one and sent as one message."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.errors import TransferError
+
+
+@dataclass
+class StagingBuffer:
+    data: torch.Tensor  # [capacity] uint8, allocated once
+    # NOTE: on CUDA a buffer goes back to the pool as soon as its last use is enqueued; the next user's
+    # stream waits on this event instead of the host waiting (the caching allocator's trick).
+    ready: torch.cuda.Event | None = None
+
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        assert nbytes <= self.data.numel(), f"message of {nbytes} bytes exceeds staging {self.data.numel()}"
+        return self.data[:nbytes].view(dtype).view(shape)
+
+
+class StagingPool:
+    """num_buffers buffers of buffer_bytes each on one device; acquire waits (bounded) for a free one."""
+
+    def __init__(self, num_buffers: int, buffer_bytes: int, device: torch.device):
+        self.buffer_bytes = buffer_bytes
+        self.device = torch.device(device)
+        pin = self.device.type == "cpu" and torch.cuda.is_available()  # host side of a GPU's gRPC path
+        self._free = [StagingBuffer(torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device,
+                                                pin_memory=pin)) for _ in range(num_buffers)]
+        self._cond = threading.Condition()
+
+    def acquire(self, deadline: float) -> StagingBuffer:
+        with self._cond:
+            while not self._free:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferError("timed out waiting for a free KV staging buffer")
+                self._cond.wait(left)
+            buf = self._free.pop()
+        if buf.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(buf.ready)
+        return buf
+
+    def release(self, buf: StagingBuffer) -> None:
+        """Give back a buffer whose uses are all enqueued on the current stream (or done, on CPU)."""
+        if self.device.type == "cuda":
+            buf.ready = torch.cuda.Event()
+            buf.ready.record(torch.cuda.current_stream(self.device))
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()

@@ -1,0 +1,121 @@
+"""Receiving rank of the torch.distributed transport: one thread (and CUDA side stream) per connected pair."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from pdserve.kv_transfer.layout import KVLayout, check_match
+from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.torch_dist import (
+    RECEIVER,
+    SENDER,
+    StoreListener,
+    closed_key,
+    make_group,
+    recv_header,
+    wait_work,
+)
+
+from pdserve.errors import TransferError
+
+
+@dataclass
+class _Pair:
+    conn_id: int
+    dropped: threading.Event = field(default_factory=threading.Event)
+    group: dist.ProcessGroup | None = None
+
+
+class TorchDistIngest:
+    """Accepts pairs through the store it hosts and drains each pair's messages into the receiver's blocks."""
+
+    def __init__(self, receiver, host: str):
+        self.receiver, self.host = receiver, host
+        self.device = receiver.kv_cache.device
+        self._pairs: dict[int, _Pair] = {}
+        self._lock = threading.Lock()
+        self._listener = StoreListener(host, self._on_hello, receiver.config)
+        self.endpoint = Endpoint(TransportKind.TORCH, host, self._listener.port)
+
+    def _on_hello(self, conn_id: int, remote: KVLayout, transfer_id: int) -> None:
+        # Reply with our layout even on a mismatch, so the sender names the field from its side too.
+        self._listener.reply(conn_id, self.receiver.layout)
+        try:
+            check_match(self.receiver.layout, remote, "receiver", "sender")
+        except TransferError as e:
+            self.receiver.reject(transfer_id, e.message)
+            return
+        pair = _Pair(conn_id)
+        with self._lock:
+            self._pairs[conn_id] = pair
+        threading.Thread(target=self._serve, args=(pair,), name=f"kv-recv-{conn_id}", daemon=True).start()
+
+    def _serve(self, pair: _Pair) -> None:
+        config, stats = self.receiver.config, self.receiver.stats
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            try:
+                pair.group = make_group(self._listener.store, pair.conn_id, RECEIVER, self.device, self.host,
+                                        config.connect_timeout_s)
+                stats.add(groups_created=1)
+                while not pair.dropped.is_set():
+                    # A live sender closes an idle pair itself, so a silence twice as long means it is gone.
+                    values = recv_header(pair.group, self.device, time.monotonic() + 2 * config.idle_timeout_s)
+                    header = TransferHeader.from_list(values)
+                    if header is None:
+                        break
+                    self._receive(pair, header)
+            except Exception as e:  # noqa: BLE001 - whatever broke the pair fails what it was carrying
+                if not pair.dropped.is_set():
+                    self.receiver.conn_lost(pair.conn_id, str(e))
+            finally:
+                self._teardown(pair)
+
+    def _receive(self, pair: _Pair, header: TransferHeader) -> None:
+        """Post every message's receive back to back; each scatter follows its receive on this thread's stream."""
+        receiver, cuda = self.receiver, self.device.type == "cuda"
+        inc = receiver.open_part(pair.conn_id, header)
+        dtype = receiver.layout.torch_dtype
+        for part in message_plan(receiver.layout.num_layers, header):
+            buf = receiver.staging.acquire(inc.deadline)
+            try:
+                payload = buf.view(dtype, receiver.part_shape(header, part))  # [Lm, 2, nm, Hm, Bs, D]
+                wait_work(pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0), inc.deadline, cuda)
+                delivered = receiver.scatter(inc, header, part, payload)
+            finally:
+                receiver.staging.release(buf)
+            if not delivered or pair.dropped.is_set():
+                raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
+
+    def drop_conn(self, conn_id: int) -> None:
+        """Tear a pair down from outside its thread (its transfer failed): the sender rebuilds on next use."""
+        with self._lock:
+            pair = self._pairs.get(conn_id)
+        if pair is None or pair.dropped.is_set():
+            return
+        pair.dropped.set()
+        with contextlib.suppress(Exception):
+            self._listener.store.set(closed_key(conn_id), "1")
+        if pair.group is not None and self.device.type == "cuda":
+            # NCCL receives of a dead sender never finish; aborting frees the stream (gloo ones time out).
+            with contextlib.suppress(Exception):
+                pair.group.abort()
+
+    def _teardown(self, pair: _Pair) -> None:
+        self.drop_conn(pair.conn_id)
+        with self._lock:
+            self._pairs.pop(pair.conn_id, None)
+        if pair.group is not None:
+            self.receiver.stats.add(groups_torn_down=1)
+            pair.group = None
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            conn_ids = list(self._pairs)
+        for conn_id in conn_ids:
+            self.drop_conn(conn_id)
