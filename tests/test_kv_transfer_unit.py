@@ -1,0 +1,138 @@
+"""KV transfer pieces that need no second process: resharding plans, message plans, layout checks, deadlines."""
+import threading
+import time
+
+import pytest
+import torch
+from pdserve.kv_transfer import (
+    Destination,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    TransferConfig,
+    TransferState,
+    TransportKind,
+    check_match,
+    heads_of_rank,
+    plan_sends,
+)
+from pdserve.kv_transfer.messages import TransferHeader, message_plan
+from pdserve.kv_transfer.plan import message_shape
+
+from pdserve.errors import TransferError
+
+
+def make_layout(tp_size=1, tp_rank=0, num_kv_heads=4, **overrides) -> KVLayout:
+    fields = {"model": "tiny", "dtype": "bfloat16", "num_layers": 3, "block_size": 4, "head_dim": 8,
+                  "num_kv_heads": num_kv_heads, "tp_size": tp_size, "tp_rank": tp_rank}
+    return KVLayout(**{**fields, **overrides})
+
+
+class BlockPool:
+    """Stand-in for an engine's block pool: a thread-safe set of free ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks, self.free = num_blocks, set(range(num_blocks))
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> list[int]:
+        with self.lock:
+            ids = sorted(self.free)[::-1][:n]  # non-contiguous in general after a few rounds; reversed order
+            self.free -= set(ids)
+        return ids
+
+    def give(self, ids: list[int]) -> None:
+        with self.lock:
+            assert not self.free & set(ids), "block released twice"
+            self.free |= set(ids)
+
+    @property
+    def full(self) -> bool:
+        return len(self.free) == self.num_blocks
+
+
+@pytest.mark.parametrize("num_kv_heads,src_tp,dst_tp", [
+    (8, 1, 1), (8, 1, 2), (8, 2, 1), (8, 2, 4), (8, 4, 2), (8, 8, 2), (2, 4, 2), (2, 1, 4), (2, 4, 1), (1, 2, 4),
+])
+def test_plan_gives_every_receiving_rank_each_of_its_heads_exactly_once(num_kv_heads, src_tp, dst_tp):
+    got = {r: [] for r in range(dst_tp)}
+    for s in range(src_tp):
+        src = make_layout(src_tp, s, num_kv_heads)
+        for piece in plan_sends(src, dst_tp):
+            assert src.heads[0] <= piece.heads[0] < piece.heads[1] <= src.heads[1]  # it holds what it sends
+            got[piece.dst_rank].extend(range(*piece.heads))
+    for r in range(dst_tp):
+        assert sorted(got[r]) == list(range(*heads_of_rank(num_kv_heads, dst_tp, r)))
+
+
+def test_heads_of_rank_replicates_when_heads_are_fewer_than_ranks():
+    assert [heads_of_rank(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert heads_of_rank(8, 2, 1) == (4, 8)
+    with pytest.raises(TransferError, match="not divisible"):
+        heads_of_rank(6, 4, 0)
+
+
+@pytest.mark.parametrize("num_blocks,max_bytes", [(1, 512), (5, 512), (10, 4096), (10, 1 << 20), (7, 1024)])
+def test_message_plan_covers_each_layer_and_block_once_within_staging(num_blocks, max_bytes):
+    layout = make_layout()
+    lpm, bpm = message_shape(layout, num_blocks, 2, max_bytes)
+    parts = message_plan(layout.num_layers, TransferHeader(1, num_blocks, (0, 2), lpm, bpm))
+    unit = 2 * 2 * layout.block_size * layout.head_dim * 2
+    covered = [(ly, b) for p in parts for ly in range(*p.layers) for b in range(*p.blocks)]
+    assert sorted(covered) == [(ly, b) for ly in range(layout.num_layers) for b in range(num_blocks)]
+    assert all(p.num_units(1) * unit <= max_bytes for p in parts)
+
+
+def test_layout_mismatch_names_the_field():
+    with pytest.raises(TransferError, match="'head_dim'.*decode has 8.*prefill has 16"):
+        check_match(make_layout(), make_layout(head_dim=16), "decode", "prefill")
+    check_match(make_layout(2, 1), make_layout(1, 0), "decode", "prefill")  # TP placement may differ
+
+
+def _caches(num_blocks=16):
+    src = torch.randn(3, 2, num_blocks, 4, 4, 8).to(torch.bfloat16)
+    return src, torch.zeros_like(src)
+
+
+@pytest.mark.parametrize("transport", [TransportKind.TORCH, TransportKind.GRPC])
+def test_in_process_transfer_whole_and_layer_by_layer(transport):
+    src, dst = _caches()
+    config = TransferConfig(timeout_s=20, staging_bytes=2048)
+    send_pool, recv_pool = BlockPool(16), BlockPool(16)
+    receiver = KVReceiver(make_layout(), dst, recv_pool.give, transport, config=config)
+    sender = KVSender(make_layout(), src, send_pool.give, config=config)
+    try:
+        for tid, layerwise in [(1, False), (2, True)]:
+            src_ids, dst_ids = send_pool.take(5), recv_pool.take(5)
+            receiver.expect(tid, dst_ids)
+            sender.start_send(tid, Destination((receiver.endpoint,)), src_ids)
+            for layer in range(3) if layerwise else []:
+                sender.save_kv_layer(tid, layer)
+            if not layerwise:
+                sender.save_kv(tid)
+            assert receiver.wait(tid, 20).state is TransferState.DONE
+            assert sender.wait_for_save(tid, 20).state is TransferState.DONE
+            assert torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+            recv_pool.give(dst_ids)
+        assert send_pool.full and recv_pool.full
+        assert [r.transfer_id for r in receiver.get_finished()] == [1, 2]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_expected_transfer_that_never_comes_fails_at_its_deadline_and_returns_blocks():
+    _, dst = _caches()
+    pool = BlockPool(16)
+    receiver = KVReceiver(make_layout(), dst, pool.give, TransportKind.GRPC)
+    try:
+        start = time.monotonic()
+        receiver.expect(7, pool.take(4), timeout_s=0.3)
+        assert receiver.state(7) is TransferState.WAITING
+        result = receiver.wait(7, 5)
+        assert result.state is TransferState.FAILED and "timed out" in result.error
+        assert time.monotonic() - start < 1.0
+        assert pool.full
+        assert receiver.stats.snapshot()["transfers_failed"] == 1
+    finally:
+        receiver.close()
