@@ -1,6 +1,13 @@
 """Paged decode attention: one query token per sequence against its paged K/V cache."""
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
 
 
 def gather_paged_kv(
@@ -57,3 +64,148 @@ def paged_decode_attention_ref(
         q.float()[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [B, Hq, 1, D]
     return out[:, :, 0].to(q.dtype)
+
+
+# ---------------------------------------------------------------- Triton (split-K / FlashDecoding)
+# Program (b, kv head, split) walks one slice of sequence b's context in tiles of BLOCK_N tokens and serves
+# all GROUP query heads of its kv head from each K/V tile (rows padded to BLOCK_H >= 16 for tl.dot).
+# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices.
+# NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
+# it is False on GPU, where the dots take the cache dtype (tensor cores).
+
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+SPLIT_TARGET_WAVES = 4  # aim for >= 4 programs per SM so HBM sees enough loads in flight
+MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial write) starts to show
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
+    scale_log2, window, num_splits,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    lo = tl.maximum(ctx - window, 0) if USE_WINDOW else 0
+    # Each sequence's own range is cut into num_splits tile-aligned slices: balanced for any length.
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, ctx)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_h
+    hd_mask = (offs_h < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hd_mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n  # [BLOCK_N]
+        n_mask = pos < end
+        page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = page * stride_kn + kvh * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        nd_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds >= 1 valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # An empty slice (short sequence) leaves l_i = 0: it writes lse = -inf and zeros, weight 0 in the merge.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
+    tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
+    lse = tl.load(lse_ptr + row, mask=offs_s < num_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # slice 0 is never empty, so the max is finite
+    mask = (offs_s < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    # The interpreter (CPU tensors) has no SMs to fill: one split unless the caller asks for more.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence so that batch x kv_heads x splits fills the GPU, from shapes only (graph-safe)."""
+    want = triton.cdiv(SPLIT_TARGET_WAVES * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
+
+
+def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, device) -> None:
+    """Shared wrapper checks for the paged K/V cache and block tables."""
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k/v cache: [num_blocks, Hkv, block_size, D]"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v cache: same strides, D innermost"
+    assert k_cache.dtype == v_cache.dtype, "k/v cache dtypes differ"
+    assert k_cache.device == v_cache.device == block_tables.device == device, "all tensors on one device"
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1, "block_tables: int32, rows contiguous"
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+    num_splits: int | None = None, config: dict | None = None,
+) -> torch.Tensor:
+    """Triton paged_decode_attention (same contract as the ref). num_splits/config override the defaults."""
+    cfg = {**DECODE_CONFIG, **(config or {})}
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    check_paged_cache(k_cache, v_cache, block_tables, q.device)
+    assert q.stride(-1) == 1 and q.dtype == k_cache.dtype, "q: D innermost, same dtype as the cache"
+    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
+    assert block_tables.shape[0] == batch and context_lens.shape == (batch,), "one row per sequence"
+    assert context_lens.dtype == torch.int32 and context_lens.device == q.device, "context_lens: int32"
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse,
+        scale * LOG2E, sliding_window or 0, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
+        DOT_FP32=not q.is_cuda,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        part, lse, out, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+    )
+    return out

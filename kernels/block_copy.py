@@ -1,5 +1,7 @@
 """Block gather/scatter between the paged KV cache and a contiguous staging buffer (for KV transfer)."""
 import torch
+import triton
+import triton.language as tl
 
 Range = tuple[int, int] | None
 
@@ -31,3 +33,72 @@ def scatter_blocks_ref(
 ) -> None:
     """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache, in place."""
     _view(kv_cache, layers, heads).index_copy_(2, block_ids, buf)
+
+
+@triton.jit
+def _block_copy_kernel(
+    cache_ptr, buf_ptr, ids_ptr, num_ids, stride_l, stride_kv, stride_n, stride_h,
+    NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TO_BUF: tl.constexpr,
+):
+    # Program (j, layer*2 + kv) moves block ids[j] of one layer's K or V: NUM_HEADS chunks of CHUNK =
+    # block_size * D contiguous elements each. cache_ptr already points at (first layer, first head).
+    j = tl.program_id(0).to(tl.int64)
+    lkv = tl.program_id(1).to(tl.int64)
+    block = tl.load(ids_ptr + j)
+    src = cache_ptr + (lkv // 2) * stride_l + (lkv % 2) * stride_kv + block * stride_n
+    dst = buf_ptr + (lkv * num_ids + j) * NUM_HEADS * CHUNK
+    offs = tl.arange(0, BLOCK)
+    for h in range(NUM_HEADS):
+        for c in range(0, CHUNK, BLOCK):
+            mask = c + offs < CHUNK
+            cache_at = src + h * stride_h + c + offs
+            buf_at = dst + h * CHUNK + c + offs
+            if TO_BUF:
+                tl.store(buf_at, tl.load(cache_at, mask=mask), mask=mask)
+            else:
+                tl.store(cache_at, tl.load(buf_at, mask=mask), mask=mask)
+
+
+def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, layers: Range, heads: Range,
+          to_buf: bool) -> None:
+    view = _view(kv_cache, layers, heads)
+    num_layers, _, _, num_heads, block_size, head_dim = view.shape
+    assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, "kv_cache: [L, 2, N, Hkv, Bs, D]"
+    assert view.stride(-1) == 1 and view.stride(-2) == head_dim, "kv_cache: each [Bs, D] slice contiguous"
+    assert block_ids.dim() == 1 and block_ids.dtype == torch.int64, "block_ids: [n] int64"
+    want = (num_layers, 2, block_ids.shape[0], num_heads, block_size, head_dim)
+    assert buf.shape == want and buf.is_contiguous(), f"staging buffer must be contiguous {want}"
+    assert buf.dtype == kv_cache.dtype, "staging buffer dtype differs from the cache"
+    assert buf.device == kv_cache.device == block_ids.device, "all tensors on one device"
+    chunk = block_size * head_dim
+    _block_copy_kernel[(block_ids.shape[0], num_layers * 2)](
+        view, buf, block_ids, block_ids.shape[0], view.stride(0), view.stride(1), view.stride(2), view.stride(3),
+        NUM_HEADS=num_heads, CHUNK=chunk, BLOCK=min(4096, triton.next_power_of_2(chunk)), TO_BUF=to_buf,
+        num_warps=4,
+    )
+
+
+def gather_blocks_triton(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, layers: Range = None, heads: Range = None
+) -> torch.Tensor:
+    """Triton gather_blocks (same contract as the ref)."""
+    view = _view(kv_cache, layers, heads)
+    shape = (view.shape[0], 2, block_ids.shape[0], *view.shape[3:])
+    out = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
+    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
+    return out
+
+
+def gather_blocks_into_triton(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor, layers: Range = None, heads: Range = None
+) -> torch.Tensor:
+    """Triton gather_blocks_into (same contract as the ref)."""
+    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
+    return out
+
+
+def scatter_blocks_triton(
+    buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, layers: Range = None, heads: Range = None
+) -> None:
+    """Triton scatter_blocks (same contract as the ref)."""
+    _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False)

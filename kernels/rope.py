@@ -2,6 +2,8 @@
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -55,4 +57,60 @@ def rope_ref(
     sin = cs[:, half:].repeat(1, 2)[:, None, :]
     q.copy_(_rotate(q, cos.to(q.dtype), sin.to(q.dtype)))
     k.copy_(_rotate(k, cos.to(k.dtype), sin.to(k.dtype)))
+    return q, k
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # x: one token's [NUM_HEADS, 2*HALF] at x_ptr; cos/sin: [BLOCK_HALF] fp32 already rounded to x's dtype.
+    offs_h = tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs < HALF)[None, :]
+    ptr1 = x_ptr + offs_h[:, None] * stride_h + offs[None, :]
+    dtype = x_ptr.dtype.element_ty
+    x1 = tl.load(ptr1, mask=mask).to(tl.float32)
+    x2 = tl.load(ptr1 + HALF, mask=mask).to(tl.float32)
+    # Round each product to x's dtype before the sum, as HF's q * cos + rotate_half(q) * sin does.
+    o1 = (x1 * cos[None, :]).to(dtype).to(tl.float32) - (x2 * sin[None, :]).to(dtype).to(tl.float32)
+    o2 = (x2 * cos[None, :]).to(dtype).to(tl.float32) + (x1 * sin[None, :]).to(dtype).to(tl.float32)
+    tl.store(ptr1, o1.to(dtype), mask=mask)
+    tl.store(ptr1 + HALF, o2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # One program per token: both q and k heads share one cos/sin load.
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, BLOCK_HALF)
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cache_ptr + pos * stride_c + offs, mask=offs < HALF).to(dtype).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + offs, mask=offs < HALF).to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+
+
+def rope_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton rope (same contract as the ref), in place; q/k may be strided views (slices of a fused qkv)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, "k: [T, Hkv, D] like q"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == k.dtype, "q/k: D innermost, one dtype"
+    assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == head_dim, "cos_sin_cache: [max_pos, D]"
+    assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(-1) == 1, "cos_sin_cache: fp32"
+    assert positions.shape == (num_tokens,) and positions.dtype == torch.int64, "positions: [T] int64"
+    assert q.device == k.device == positions.device == cos_sin_cache.device, "all tensors on one device"
+    half = head_dim // 2
+    _rope_kernel[(num_tokens,)](
+        q, k, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )
     return q, k

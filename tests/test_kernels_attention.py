@@ -1,29 +1,57 @@
-"""Paged decode/prefill attention: references against a naive per-token oracle."""
-import math
+"""Paged decode/prefill attention: references against a naive per-token oracle, Triton against the references
+(under TRITON_INTERPRET on CPU at tiny shapes; real shapes on GPU)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # On CPU, Triton runs only in its interpreter, which triton picks when it is first imported: set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
-from pdserve.kernels.attention_decode import paged_decode_attention_ref
-from pdserve.kernels.attention_prefill import paged_prefill_attention_ref
+import triton.language as tl
+from pdserve.kernels import attention_decode, attention_prefill
+from triton.runtime.jit import JITFunction
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
+runs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and isinstance(tl.max, JITFunction),
+    reason="triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py",
+)
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 
 
-def make_cache(seq_lens, hkv, d, block_size, dtype, extra_blocks=3):
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make every float torch.empty NaN-filled, so an output element the kernel never writes fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def make_cache(seq_lens, hkv, d, block_size, dtype, device="cpu", extra_blocks=3):
     """Random paged cache with shuffled, non-contiguous block ids; unused slots hold NaN."""
     blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + extra_blocks
     ids = torch.randperm(num_blocks)
-    k_cache = torch.full((num_blocks, hkv, block_size, d), float("nan"), dtype=dtype)
-    v_cache = torch.full_like(k_cache, float("nan"))
     table = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
+    valid = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     used = 0
     for s, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
         table[s, :nb] = ids[used:used + nb].int()
         used += nb
-        for p in range(n):
-            blk, off = int(table[s, p // block_size]), p % block_size
-            k_cache[blk, :, off] = torch.randn(hkv, d, dtype=dtype)
-            v_cache[blk, :, off] = torch.randn(hkv, d, dtype=dtype)
-    return k_cache, v_cache, table
+        valid.view(-1)[(table[s, :nb].long()[:, None] * block_size + torch.arange(block_size)).view(-1)[:n]] = True
+    k_cache = torch.randn(num_blocks, hkv, block_size, d, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_cache.masked_fill_(~valid[:, None, :, None], float("nan"))
+    v_cache.masked_fill_(~valid[:, None, :, None], float("nan"))
+    return k_cache.to(device), v_cache.to(device), table.to(device)
 
 
 def naive_attention(q, k_cache, v_cache, table_row, pos, scale, window):
@@ -38,43 +66,92 @@ def naive_attention(q, k_cache, v_cache, table_row, pos, scale, window):
     return torch.einsum("hn,hnd->hd", p, v)
 
 
-CASES = [  # (seq_lens, Hq, Hkv, window)
-    ([5, 17, 32], 4, 4, None),
-    ([1, 40, 9], 8, 2, None),
-    ([33, 12], 6, 2, 7),
+def assert_close(out, ref):
+    """fp32: tight; bf16/fp16: the rounding of the output and of P before the PV product."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape and not out.isnan().any()
+    tol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def prefill_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device="cpu"):
+    k_cache, v_cache, table = make_cache(seq_lens, hkv, d, bs, dtype, device)
+    q = torch.randn(sum(q_lens), hq, d, dtype=dtype, device=device)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).int().to(device)
+    return q, k_cache, v_cache, table, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+CASES = [  # (seq_lens, q_lens for prefill, Hq, Hkv, window); lengths not multiples of the block size
+    ([5, 17, 70], [1, 17, 30], 4, 4, None),
+    ([1, 40, 9], [1, 11, 4], 8, 2, None),
+    ([33, 12, 100], [5, 12, 70], 6, 2, 7),
+    ([130, 3], [1, 3], 4, 1, 50),
 ]
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("seq_lens,hq,hkv,window", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_ref(seq_lens, hq, hkv, window, dtype):
-    d, bs = 16, 8
-    k_cache, v_cache, table = make_cache(seq_lens, hkv, d, bs, dtype)
-    q = torch.randn(len(seq_lens), hq, d, dtype=dtype)
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES[:3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_ref(seq_lens, q_lens, hq, hkv, window, dtype):
+    k_cache, v_cache, table = make_cache(seq_lens, hkv, 16, 8, dtype)
+    q = torch.randn(len(seq_lens), hq, 16, dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    scale = 1 / math.sqrt(d)
-    out = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, scale, window)
-    assert out.dtype == dtype and out.shape == q.shape
-    for b, n in enumerate(seq_lens):
-        want = naive_attention(q[b], k_cache, v_cache, table[b], n - 1, scale, window)
-        torch.testing.assert_close(out[b].float(), want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+    out = attention_decode.paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.25, window)
+    want = torch.stack([naive_attention(q[b], k_cache, v_cache, table[b], n - 1, 0.25, window)
+                        for b, n in enumerate(seq_lens)])
+    assert_close(out, want.to(dtype))
 
 
-@pytest.mark.parametrize("seq_lens,hq,hkv,window", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_ref(seq_lens, hq, hkv, window, dtype):
-    d, bs = 16, 8
-    q_lens = [min(n, ql) for n, ql in zip(seq_lens, [1, 11, 4])]  # a decode token, a full prompt, a prefix
-    k_cache, v_cache, table = make_cache(seq_lens, hkv, d, bs, dtype)
-    q = torch.randn(sum(q_lens), hq, d, dtype=dtype)
-    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).int()
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES[:3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_ref(seq_lens, q_lens, hq, hkv, window, dtype):
+    q, k_cache, v_cache, table, qsl, lens = prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype)
+    out = attention_prefill.paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, 0.25, window)
+    want = [naive_attention(q[int(qsl[s]) + i], k_cache, v_cache, table[s], n - ql + i, 0.25, window)
+            for s, (n, ql) in enumerate(zip(seq_lens, q_lens)) for i in range(ql)]
+    assert_close(out, torch.stack(want).to(dtype))
+
+
+@runs_triton
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_triton(seq_lens, q_lens, hq, hkv, window, dtype, num_splits, poisoned):
+    k_cache, v_cache, table = make_cache(seq_lens, hkv, 16, 8, dtype)
+    q = torch.randn(len(seq_lens), hq, 16, dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    scale = 1 / math.sqrt(d)
-    out = paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, scale, window)
-    assert out.dtype == dtype and out.shape == q.shape
-    for s, (n, ql) in enumerate(zip(seq_lens, q_lens)):
-        for i in range(ql):
-            t = int(qsl[s]) + i
-            want = naive_attention(q[t], k_cache, v_cache, table[s], n - ql + i, scale, window)
-            tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-            torch.testing.assert_close(out[t].float(), want, atol=tol, rtol=0)
+    args = (q, k_cache, v_cache, table, lens, 0.25, window)
+    out = attention_decode.paged_decode_attention_triton(*args, num_splits=num_splits, config={"BLOCK_N": 16})
+    assert_close(out, attention_decode.paged_decode_attention_ref(*args))
+
+
+@runs_triton
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_triton(seq_lens, q_lens, hq, hkv, window, dtype, poisoned):
+    args = (*prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype), 0.25, window)
+    out = attention_prefill.paged_prefill_attention_triton(*args, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    assert_close(out, attention_prefill.paged_prefill_attention_ref(*args))
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 1000])
+def test_decode_gpu(dtype, window, poisoned):
+    seq_lens = torch.randint(1, 5000, (24,)).tolist()
+    k_cache, v_cache, table = make_cache(seq_lens, 8, 128, 16, dtype, DEVICE)
+    q = torch.randn(len(seq_lens), 32, 128, dtype=dtype, device=DEVICE)
+    args = (q, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 128**-0.5, window)
+    assert_close(attention_decode.paged_decode_attention_triton(*args),
+                 attention_decode.paged_decode_attention_ref(*args))
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 700])
+def test_prefill_gpu(dtype, window, poisoned):
+    seq_lens, q_lens = [2048, 1500, 3000, 1], [2048, 300, 1, 1]
+    args = (*prefill_batch(seq_lens, q_lens, 32, 8, 128, 16, dtype, DEVICE), 128**-0.5, window)
+    assert_close(attention_prefill.paged_prefill_attention_triton(*args),
+                 attention_prefill.paged_prefill_attention_ref(*args))

@@ -1,23 +1,84 @@
-"""Block gather/scatter: references against per-block loops."""
-import pytest
+"""Block gather/scatter: references against per-block loops, Triton against the references."""
+import os
+
 import torch
-from pdserve.kernels.block_copy import gather_blocks_into_ref, gather_blocks_ref, scatter_blocks_ref
+
+if not torch.cuda.is_available():
+    # On CPU, Triton runs only in its interpreter, which triton picks when it is first imported: set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import triton.language as tl
+from pdserve.kernels import block_copy
+from triton.runtime.jit import JITFunction
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
+runs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and isinstance(tl.max, JITFunction),
+    reason="triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py",
+)
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 
 
-@pytest.mark.parametrize("layers,heads", [(None, None), ((1, 3), None), (None, (1, 2)), ((0, 2), (2, 4))])
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make every float torch.empty NaN-filled, so an output element the kernel never writes fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+RANGES = [(None, None), ((1, 3), None), (None, (1, 2)), ((0, 2), (2, 4))]
+
+
+@pytest.mark.parametrize("layers,heads", RANGES)
 def test_refs_roundtrip(layers, heads):
     kv_cache = torch.randn(3, 2, 10, 4, 4, 8)
     ids = torch.tensor([7, 2, 9, 0])
     ls, le = layers or (0, 3)
     hs, he = heads or (0, 4)
-    buf = gather_blocks_ref(kv_cache, ids, layers, heads)
+    buf = block_copy.gather_blocks_ref(kv_cache, ids, layers, heads)
     assert buf.is_contiguous()
     for j, b in enumerate(ids.tolist()):
         assert torch.equal(buf[:, :, j], kv_cache[ls:le, :, b, hs:he])
     out = torch.full_like(buf, float("nan"))
-    assert torch.equal(gather_blocks_into_ref(kv_cache, ids, out, layers, heads), buf)
+    assert torch.equal(block_copy.gather_blocks_into_ref(kv_cache, ids, out, layers, heads), buf)
     dst = torch.zeros_like(kv_cache)
-    scatter_blocks_ref(buf, dst, ids, layers, heads)
+    block_copy.scatter_blocks_ref(buf, dst, ids, layers, heads)
     want = torch.zeros_like(kv_cache)
     want[ls:le, :, ids, hs:he] = kv_cache[ls:le, :, ids, hs:he]
     assert torch.equal(dst, want)
+
+
+def check(shape, num_ids, layers, heads, dtype, device):
+    kv_cache = torch.randn(shape, dtype=dtype, device=device)
+    ids = torch.randperm(shape[2], device=device)[:num_ids]
+    want = block_copy.gather_blocks_ref(kv_cache, ids, layers, heads)
+    assert torch.equal(block_copy.gather_blocks_triton(kv_cache, ids, layers, heads), want)
+    out = torch.full_like(want, float("nan"))
+    assert block_copy.gather_blocks_into_triton(kv_cache, ids, out, layers, heads) is out
+    assert torch.equal(out, want)
+    dst, dst_ref = torch.full_like(kv_cache, float("nan")), torch.full_like(kv_cache, float("nan"))
+    block_copy.scatter_blocks_triton(want, dst, ids, layers, heads)
+    block_copy.scatter_blocks_ref(want, dst_ref, ids, layers, heads)
+    assert torch.equal(dst.nan_to_num(7.0), dst_ref.nan_to_num(7.0))  # only the chosen blocks/heads written
+
+
+@runs_triton
+@pytest.mark.parametrize("layers,heads", RANGES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton(layers, heads, dtype, poisoned):
+    check((3, 2, 10, 4, 4, 8), 4, layers, heads, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("layers,heads", [(None, None), ((8, 24), (2, 6))])
+def test_gpu(layers, heads, poisoned):
+    check((32, 2, 4096, 8, 16, 128), 1000, layers, heads, torch.bfloat16, DEVICE)

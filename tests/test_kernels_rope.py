@@ -1,9 +1,27 @@
-"""RoPE: cos/sin cache and rotation against Hugging Face Llama, bit for bit."""
-import pytest
+"""RoPE: cos/sin cache and rotation against Hugging Face Llama bit for bit; Triton against the ref."""
+import os
+
 import torch
-from pdserve.kernels.rope import build_cos_sin_cache, rope_ref
+
+if not torch.cuda.is_available():
+    # On CPU, Triton runs only in its interpreter, which triton picks when it is first imported: set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import triton.language as tl
+from pdserve.kernels import rope
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from triton.runtime.jit import JITFunction
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
+runs_triton = pytest.mark.skipif(
+    DEVICE == "cpu" and isinstance(tl.max, JITFunction),
+    reason="triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py",
+)
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+
 
 SCALINGS = [
     None,
@@ -23,7 +41,7 @@ def hf_cos_sin(d, max_pos, theta, scaling):
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_cache_matches_hf(scaling):
     d, max_pos = 32, 300
-    cache = build_cos_sin_cache(d, max_pos, 500000.0, scaling)
+    cache = rope.build_cos_sin_cache(d, max_pos, 500000.0, scaling)
     cos, sin = hf_cos_sin(d, max_pos, 500000.0, scaling)
     assert cache.dtype == torch.float32 and cache.shape == (max_pos, d)
     assert torch.equal(cache[:, : d // 2], cos[0, :, : d // 2])
@@ -33,13 +51,41 @@ def test_cache_matches_hf(scaling):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_ref_matches_hf(dtype):
     d, t, hq, hkv = 32, 9, 4, 2
-    cache = build_cos_sin_cache(d, 100, 10000.0, None)
+    cache = rope.build_cos_sin_cache(d, 100, 10000.0, None)
     cos, sin = hf_cos_sin(d, 100, 10000.0, None)
     positions = torch.randint(0, 100, (t,))
     q, k = torch.randn(t, hq, d, dtype=dtype), torch.randn(t, hkv, d, dtype=dtype)
     c, s = cos[0, positions].to(dtype), sin[0, positions].to(dtype)
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1), k.transpose(0, 1), c, s, unsqueeze_dim=0)
-    q_out, k_out = rope_ref(q, k, positions, cache)
-    assert k_out.data_ptr() == k.data_ptr()
-    assert q_out.data_ptr() == q.data_ptr()
+    q_out, k_out = rope.rope_ref(q, k, positions, cache)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
     assert torch.equal(q, want_q.transpose(0, 1)) and torch.equal(k, want_k.transpose(0, 1))
+
+
+def check(num_tokens, hq, hkv, d, dtype, device):
+    """In place on q and k viewed out of one fused qkv tensor, as the engine does; the v part stays untouched."""
+    cache = rope.build_cos_sin_cache(d, 4096, 500000.0, SCALINGS[2]).to(device)
+    positions = torch.randint(0, 4096, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    want = qkv.clone()
+    rope.rope_ref(want[:, : hq * d].view(-1, hq, d), want[:, hq * d: (hq + hkv) * d].view(-1, hkv, d), positions, cache)
+    q, k = qkv[:, : hq * d].view(-1, hq, d), qkv[:, hq * d: (hq + hkv) * d].view(-1, hkv, d)
+    rope.rope_triton(q, k, positions, cache)
+    # bf16/fp16 match bit for bit on GPU; fp32 may differ by a fused multiply-add's rounding, and the
+    # interpreter truncates fp32 -> bf16 instead of rounding to nearest (a few bf16 ulps over three roundings).
+    tol = {torch.float32: 1e-6, torch.bfloat16: 0.07 if device == "cpu" else 0.0, torch.float16: 0.0}[dtype]
+    torch.testing.assert_close(qkv, want, atol=tol, rtol=tol)
+
+
+@runs_triton
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton(hq, hkv, dtype):
+    check(5, hq, hkv, 16, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu(dtype):
+    check(4096, 32, 8, 128, dtype, DEVICE)
