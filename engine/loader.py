@@ -60,7 +60,7 @@ def load_safetensors(model: LlamaForCausalLM, folder: Path) -> None:
     missing = set(dict(model.named_parameters()))
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for ckpt_name in f.keys():
+            for ckpt_name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 name, shard_id = _checkpoint_to_param(ckpt_name, model.packed_modules)
                 if name not in params or (name == "lm_head.weight" and model.spec.tie_word_embeddings):
                     continue  # e.g. rotary inv_freq buffers, or a tied head saved twice

@@ -34,7 +34,7 @@ class ModelRunner:
         self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
         attn = self.model.attention_layers()[0]
         self.num_kv_heads = attn.num_kv_heads  # local to this rank
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = self._agree_on_min(self._num_kv_blocks())
         # [L, 2, num_blocks, Hkv_local, block_size, D]: head-major blocks, one view per layer
         self.kv_cache = torch.zeros(
             spec.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, spec.head_dim,
@@ -61,6 +61,14 @@ class ModelRunner:
                 f"after weights and activations ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f})"
             )
         return int(budget // self.block_bytes())
+
+    def _agree_on_min(self, n: int) -> int:
+        """Every rank of a gang must size its cache alike: take the smallest."""
+        if self.tp.size == 1:
+            return n
+        t = torch.tensor([n], device=self.device)
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MIN, group=self.tp.group)
+        return int(t.item())
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of one forward over a full token budget, through a one-block scratch cache."""

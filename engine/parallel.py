@@ -15,12 +15,6 @@ class TPGroup:
     size: int = 1
     group: dist.ProcessGroup | None = None
 
-    def shard(self, n: int) -> tuple[int, int]:
-        """(start, size) of this rank's even share of `n` items (n divisible by size)."""
-        assert n % self.size == 0, f"{n} is not divisible by tp_size {self.size}"
-        per = n // self.size
-        return self.rank * per, per
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
@@ -36,3 +30,31 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+
+
+def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the KV heads rank `rank` holds.
+
+    With at least as many KV heads as ranks they are split into contiguous, as-even-as-
+    possible ranges (earlier ranks take one more when it does not divide); with fewer,
+    each rank holds a replica of the one head its query heads use.
+    """
+    if num_kv_heads >= tp_size:
+        base, extra = divmod(num_kv_heads, tp_size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+    assert tp_size % num_kv_heads == 0, f"tp_size {tp_size} is not a multiple of num_kv_heads {num_kv_heads}"
+    head = rank * num_kv_heads // tp_size
+    return head, head + 1
+
+
+def q_head_range(num_heads: int, num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the query heads of rank `rank`: always those served by its KV heads."""
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= tp_size:
+        start, end = kv_head_range(num_kv_heads, tp_size, rank)
+        return start * group, end * group
+    ranks_per_head = tp_size // num_kv_heads
+    assert group % ranks_per_head == 0, f"{group} query heads per KV head do not split over {ranks_per_head} ranks"
+    per = group // ranks_per_head
+    return rank * per, (rank + 1) * per

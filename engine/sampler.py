@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from pdserve.engine.sampling_params import SamplingParams
 
 

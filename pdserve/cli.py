@@ -19,7 +19,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
-    engine = LLMEngine(config) if args.tp == 1 else _tp_engine(config, args.tp)
+    engine = LLMEngine(config) if args.tp == 1 else _tp_gang(config, args.tp)
     tokenizer = load_tokenizer(engine.spec.path)
     ids = tokenizer.encode_prompt(args.prompt, chat=args.chat)
     [out] = engine.generate([ids], params)
@@ -27,10 +27,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tp_engine(config, tp: int):
-    from pdserve.cluster.tp_gang import TPEngine
+def _tp_gang(config, tp: int):
+    from pdserve.cluster.tp_gang import TPGang
 
-    return TPEngine.local(config.model_copy(update={"decode": config.decode.model_copy(update={"tp_size": tp})}))
+    return TPGang.local(config, tp)
 
 
 def _validate(args: argparse.Namespace) -> int:

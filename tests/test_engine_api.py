@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_pool_full, make_engine
 
+from conftest import assert_pool_full, make_engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import ConfigError, InvalidRequestError, UnsupportedModelError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import VARIANTS, assert_pool_full, hf_greedy, make_engine
 
+from conftest import VARIANTS, assert_pool_full, hf_greedy, make_engine
 from pdserve.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

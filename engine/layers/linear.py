@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.layers.loading import copy_into, full, narrow
-from pdserve.engine.parallel import TPGroup
+from pdserve.engine.parallel import TPGroup, kv_head_range, q_head_range
 
 
 class _Linear(nn.Module):
@@ -24,6 +24,7 @@ class ColumnParallelLinear(_Linear):
     """y[:, shard] = x @ W[shard].T — the output stays sharded."""
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
+        assert out_features % tp.size == 0, f"{out_features} features do not split over tp_size {tp.size}"
         self.tp = tp
         super().__init__(out_features // tp.size, in_features, bias)
 
@@ -49,49 +50,51 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V in one GEMM. Query heads are split across ranks; KV heads are split when
-    there are at least as many as ranks, else each rank keeps (a replica of) the one its
-    query heads use."""
+    """Q, K and V in one GEMM. Each rank holds whole KV heads and the query heads they serve
+    (`kv_head_range` / `q_head_range`): split when there are at least as many KV heads as
+    ranks (unevenly if need be), replicated otherwise."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup, bias: bool):
-        assert num_heads % tp.size == 0, f"num_heads {num_heads} not divisible by tp_size {tp.size}"
-        if num_kv_heads >= tp.size:
-            assert num_kv_heads % tp.size == 0, f"num_kv_heads {num_kv_heads} not divisible by {tp.size}"
         self.head_dim = head_dim
-        self.num_heads = num_heads // tp.size  # local
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)  # local
-        self.total_kv_heads = num_kv_heads
+        self.q_range = q_head_range(num_heads, num_kv_heads, tp.size, tp.rank)
+        self.kv_range = kv_head_range(num_kv_heads, tp.size, tp.rank)
+        self.num_heads = self.q_range[1] - self.q_range[0]  # local
+        self.num_kv_heads = self.kv_range[1] - self.kv_range[0]  # local
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden, out * tp.size, tp, bias)
-
-    def kv_head_start(self) -> int:
-        """First global kv head this rank holds."""
-        if self.total_kv_heads >= self.tp.size:
-            return self.tp.rank * self.num_kv_heads
-        return self.tp.rank * self.total_kv_heads // self.tp.size
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
         q, kv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
         offset, size, start = {
-            "q": (0, q, self.tp.rank * q),
-            "k": (q, kv, self.kv_head_start() * d),
-            "v": (q + kv, kv, self.kv_head_start() * d),
+            "q": (0, q, self.q_range[0] * d),
+            "k": (q, kv, self.kv_range[0] * d),
+            "v": (q + kv, kv, self.kv_range[0] * d),
         }[shard_id]
         copy_into(param[offset : offset + size], narrow(loaded, 0, start, size))
 
 
 class RowParallelLinear(_Linear):
-    """y = all_reduce(x[:, shard] @ W[:, shard].T) + b — the input arrives sharded."""
+    """y = all_reduce(x[:, shard] @ W[:, shard].T) + b — the input arrives sharded.
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False):
+    `input_range` ([start, end) of the input features this rank holds) defaults to an even
+    split; attention's output projection passes its (possibly uneven) head range.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False,
+                 input_range: tuple[int, int] | None = None):
         self.tp = tp
-        super().__init__(out_features, in_features // tp.size, bias)
+        if input_range is None:
+            assert in_features % tp.size == 0, f"{in_features} features do not split over tp_size {tp.size}"
+            per = in_features // tp.size
+            input_range = (tp.rank * per, (tp.rank + 1) * per)
+        self.input_start = input_range[0]
+        super().__init__(out_features, input_range[1] - input_range[0], bias)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         if param.dim() == 1:  # bias: added once, after the reduction
             copy_into(param, full(loaded))
             return
-        copy_into(param, narrow(loaded, 1, self.tp.rank * param.shape[1], param.shape[1]))
+        copy_into(param, narrow(loaded, 1, self.input_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.weight))

@@ -6,6 +6,8 @@ batch `[T, ...]`; attention reads the paged cache through `AttentionMetadata`.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -29,7 +31,8 @@ class LlamaAttention(nn.Module):
             spec.hidden_size, d, spec.num_heads, spec.num_kv_heads, tp, bias=spec.qkv_bias
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, tp)
+        q_start, q_end = self.qkv_proj.q_range
+        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, tp, input_range=(q_start * d, q_end * d))
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = RotaryEmbedding(d, max_positions, spec.rope_theta, spec.rope_scaling)
@@ -79,7 +82,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (parameter name fragment, shard id) for merged projections
-    packed_modules = {
+    packed_modules: ClassVar[dict[str, tuple[str, object]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

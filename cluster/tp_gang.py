@@ -1,0 +1,157 @@
+"""A tensor-parallel gang: `tp_size` Ray actors in one STRICT_PACK placement group.
+
+To the rest of the system the gang is one engine (`add_request`, `step`, `abort`,
+`generate`), whatever its size. Every call waits at most `rank_timeout_s`, and also
+watches the other ranks' step loops: if any rank dies, the pending call fails at once
+with `WorkerFailedError` instead of hanging in a collective. A failed gang can be
+rebuilt with `restart()`.
+"""
+from __future__ import annotations
+
+import logging
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pdserve.cluster.tp_rank import TPRank
+from pdserve.config import DeploymentConfig
+from pdserve.engine.model_config import load_model_spec
+from pdserve.engine.model_source import resolve_model
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import PdserveError, WorkerFailedError
+
+log = logging.getLogger(__name__)
+
+# NVLink multicast stays off in every process we start (it can take a shared host's GPUs down).
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+LOAD_TIMEOUT_S = 600.0  # model load and KV profiling: far longer than a step, still bounded
+
+_RemoteRank = ray.remote(TPRank)
+
+
+class TPGang:
+    def __init__(self, config: DeploymentConfig, tp_size: int, use_gpus: bool | None = None):
+        path = resolve_model(config.model)  # convert the embedded model once, here, not per rank
+        self.config = config.model_copy(update={"model": str(path)})
+        self.spec = load_model_spec(path)
+        self.tp_size = tp_size
+        if use_gpus is None:
+            use_gpus = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        self.use_gpus = use_gpus
+        self.timeout = config.rank_timeout_s
+        self._start()
+
+    @classmethod
+    def local(cls, config: DeploymentConfig, tp_size: int) -> TPGang:
+        """Join the configured Ray cluster, or start a local one."""
+        if not ray.is_initialized():
+            ray.init(address=config.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+        return cls(config, tp_size)
+
+    def _start(self) -> None:
+        n, gpus = self.tp_size, 1 if self.use_gpus else 0
+        self.pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * n, strategy="STRICT_PACK")
+        self._wait(self.pg.ready(), LOAD_TIMEOUT_S, "placement group")
+        cfg = self.config.model_dump()
+        self.ranks = [
+            _RemoteRank.options(
+                num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": NCCL_ENV},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(cfg, i, n)
+            for i in range(n)
+        ]
+        host, port = self._wait(self.ranks[0].host_store.remote(), self.timeout, "rank 0 store")
+        self._wait_all([r.join.remote(host, port) for r in self.ranks], self.timeout, "process group")
+        infos = self._wait_all([r.load.remote() for r in self.ranks], LOAD_TIMEOUT_S, "model load")
+        self.num_blocks, self.max_model_len = infos[0]["num_blocks"], infos[0]["max_model_len"]
+        self.loops = [r.serve_steps.remote() for r in self.ranks[1:]]
+        self.broken = False
+
+    # --- bounded waiting ------------------------------------------------------------------
+    def _wait(self, ref, timeout: float, what: str):
+        return self._wait_all([ref], timeout, what)[0]
+
+    def _wait_all(self, refs: list, timeout: float, what: str) -> list:
+        watched = list(refs) + list(getattr(self, "loops", []))
+        pending = list(refs)
+        while pending:
+            ready, _ = ray.wait(watched, num_returns=1, timeout=timeout)
+            if not ready:
+                self.broken = True
+                raise WorkerFailedError(f"tp gang: no answer to {what} within {timeout:.0f}s")
+            if ready[0] not in refs:
+                self._loop_ended(ready[0], what)
+            watched.remove(ready[0])
+            pending.remove(ready[0])
+        return [self._get(r, what) for r in refs]
+
+    def _loop_ended(self, ref, what: str) -> None:
+        self.broken = True
+        rank = 1 + self.loops.index(ref)
+        try:
+            ray.get(ref, timeout=1)
+            reason = "its step loop stopped"
+        except Exception as e:  # noqa: BLE001 (any way a rank can end is a failure to report)
+            reason = type(e).__name__
+        raise WorkerFailedError(f"tp gang: rank {rank} failed during {what} ({reason})")
+
+    def _get(self, ref, what: str):
+        try:
+            return ray.get(ref, timeout=self.timeout)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, PdserveError):
+                raise e.cause from None
+            self.broken = True
+            raise WorkerFailedError(f"tp gang: {what} failed on a rank: {e.cause!r}") from None
+        except ray.exceptions.RayError as e:
+            self.broken = True
+            raise WorkerFailedError(f"tp gang: {what} failed: {type(e).__name__}") from None
+
+    def _call(self, method, *args):
+        if self.broken:
+            raise WorkerFailedError("tp gang: broken by an earlier failure; restart() it")
+        return self._wait(method.remote(*args), self.timeout, method._method_name)
+
+    # --- the engine interface -------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        return self._call(self.ranks[0].add_request, prompt_token_ids, params, request_id)
+
+    def step(self):
+        return self._call(self.ranks[0].step)
+
+    def abort(self, request_id: str) -> None:
+        self._call(self.ranks[0].abort, request_id)
+
+    def has_unfinished(self) -> bool:
+        return self._call(self.ranks[0].has_unfinished)
+
+    def free_blocks(self) -> tuple[int, int]:
+        return self._call(self.ranks[0].free_blocks)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                outputs[o.request_id] += o.new_token_ids
+        return [outputs[i] for i in ids]
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the step loops if the gang is healthy, then kill every rank and free the group."""
+        if not self.broken:
+            try:
+                self._wait(self.ranks[0].shutdown.remote(), self.timeout, "shutdown")
+            except WorkerFailedError:
+                log.warning("tp gang: shutdown did not complete cleanly; killing the ranks")
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self.pg)
+        self.loops = []
+
+    def restart(self) -> None:
+        self.shutdown()
+        self._start()
