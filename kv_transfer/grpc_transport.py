@@ -1,4 +1,4 @@
-"""gRPC transport: the same staged bytes, streamed in chunks to a small KV-ingest service on each receiving rank.
+"""gRPC transport: the same staged bytes, streamed in chunks to a KV-ingest service on each receiving rank.
 
 For CPU deployments and nodes without a shared NCCL fabric. Each message is one Push stream whose first
 chunk carries the header, so messages are self-contained: a receiver keeps no per-pair stream state, and
@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import torch
-from pdserve.kv_transfer.layout import KVLayout, check_match
-from pdserve.kv_transfer.messages import Endpoint, MessagePart, TransferConfig, TransferHeader, TransportKind
-from pdserve.kv_transfer.staging import StagingPool
 
 from pdserve.api import kv_transfer_pb2 as pb
 from pdserve.api import kv_transfer_pb2_grpc as pb_grpc
 from pdserve.errors import TransferError
+from pdserve.kv_transfer.layout import KVLayout, check_match
+from pdserve.kv_transfer.messages import Endpoint, MessagePart, TransferConfig, TransferHeader, TransportKind
+from pdserve.kv_transfer.staging import StagingPool
 
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -86,25 +86,31 @@ class GrpcIngest(pb_grpc.KVIngestServicer):
             for chunk in chunks:
                 n = len(chunk.data)
                 if offset + n > flat.size:
-                    raise TransferError(f"message of transfer {header.transfer_id} is longer than its header says")
+                    raise TransferError(f"message of transfer {header.transfer_id} is longer than its header")
                 flat[offset:offset + n] = np.frombuffer(chunk.data, dtype=np.uint8)
                 offset += n
             if offset != flat.size:  # the stream ended early: the sender went away mid-message
                 raise TransferError(f"message of transfer {header.transfer_id} ended after {offset} of "
                                     f"{flat.size} bytes")
             if self._host is None:
-                return receiver.scatter(inc, header, part, payload)
-            return self._scatter_on_device(inc, header, part, payload)
+                delivered = receiver.scatter(inc, header, part, payload)
+            else:
+                delivered = self._scatter_on_device(inc, header, part, payload)
         finally:
             pool.release(buf)
+        if delivered:
+            receiver.landed(inc, header, [part])
+        return delivered
 
     def _scatter_on_device(self, inc, header, part, host_payload: torch.Tensor) -> bool:
         with torch.cuda.stream(self._side):
             dev = self.receiver.staging.acquire(inc.deadline)
             try:
                 payload = dev.view(host_payload.dtype, tuple(host_payload.shape))
-                payload.copy_(host_payload)  # synchronous: the host buffer is reused right after
-                return self.receiver.scatter(inc, header, part, payload)
+                payload.copy_(host_payload)
+                delivered = self.receiver.scatter(inc, header, part, payload)
+                self._side.synchronize()  # the host buffer is reused and the message counted right after
+                return delivered
             finally:
                 self.receiver.staging.release(dev)
 

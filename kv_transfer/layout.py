@@ -29,7 +29,7 @@ def heads_of_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadRange:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """What one rank's paged cache looks like: kv_cache [num_layers, 2, num_blocks, heads, block_size, head_dim].
+    """What one rank's paged cache looks like: kv_cache [L, 2, num_blocks, local heads, block_size, head_dim].
 
     The number of blocks is each side's own business and is not part of the contract.
     """

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, fields
 
 import torch
+
 from pdserve.kv_transfer.layout import HeadRange
 
 Range = tuple[int, int]
@@ -60,7 +61,7 @@ class TransferHeader:
     blocks_per_message: int
 
     def to_tensor(self, device: torch.device) -> torch.Tensor:
-        # [HEADER_LEN] int64: kind, id, n, head start, head end, layers/msg, blocks/msg (kind 1 = transfer, 0 = close)
+        # [HEADER_LEN] int64: kind (1 transfer, 0 close), id, n, head start, head end, layers/msg, blocks/msg
         values = [1, self.transfer_id, self.num_blocks, *self.heads, self.layers_per_message,
                   self.blocks_per_message]
         return torch.tensor(values, dtype=torch.int64, device=device)
@@ -107,7 +108,8 @@ class TransferResult:
     transfer_id: int
     state: TransferState
     num_bytes: int
-    duration_s: float
+    duration_s: float  # from expect() / start_send() to the end
+    finished_at: float  # time.monotonic() at the end (one clock for every process on a host)
     error: str | None = None
 
 

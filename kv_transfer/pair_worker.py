@@ -7,11 +7,11 @@ import threading
 import time
 
 import torch
+
+from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.plan import SendSlice, message_shape
-
-from pdserve.errors import TransferError
 
 
 def open_link(endpoint: Endpoint, device: torch.device, config):
@@ -87,6 +87,8 @@ class PairWorker:
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
         link.begin(header, out.deadline)
+        # Made here, on this worker's stream, so the prefill stream never waits for the copy.
+        index = torch.tensor(out.block_ids, dtype=torch.int64, device=sender.kv_cache.device)  # [n]
         num_bytes = 0
         for msg in message_plan(layout.num_layers, header):
             out.wait_layers(msg.layers[1], out.deadline)
@@ -95,7 +97,7 @@ class PairWorker:
                 shape = (msg.layers[1] - msg.layers[0], 2, msg.blocks[1] - msg.blocks[0],
                          local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
-                ops.gather_blocks_into(sender.kv_cache, out.block_index[msg.blocks[0]:msg.blocks[1]], payload,
+                ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
                                        msg.layers, local_heads)
                 link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
             finally:

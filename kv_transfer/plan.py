@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.layout import HeadRange, KVLayout, heads_of_rank
-
 from pdserve.errors import TransferError
+from pdserve.kv_transfer.layout import HeadRange, KVLayout, heads_of_rank
 
 
 def sender_of_head(num_kv_heads: int, tp_size: int, head: int) -> int:
@@ -24,11 +23,12 @@ class SendSlice:
 
 
 def plan_sends(src: KVLayout, dst_tp_size: int) -> list[SendSlice]:
-    """Every receiving rank gets each of its heads from exactly one sending rank; this rank's share of that."""
+    """Every receiving rank gets each of its heads from exactly one sending rank; this rank's share."""
     slices = []
     for dst_rank in range(dst_tp_size):
         start, end = heads_of_rank(src.num_kv_heads, dst_tp_size, dst_rank)
-        mine = [h for h in range(start, end) if sender_of_head(src.num_kv_heads, src.tp_size, h) == src.tp_rank]
+        mine = [h for h in range(start, end)
+                if sender_of_head(src.num_kv_heads, src.tp_size, h) == src.tp_rank]
         if mine:
             # The heads a rank holds are contiguous, so its share of another rank's range is too.
             assert mine == list(range(mine[0], mine[-1] + 1)), mine
@@ -41,9 +41,11 @@ def message_shape(layout: KVLayout, num_blocks: int, num_heads: int, max_bytes: 
 
     Whole layers are grouped while they fit (fewer, larger sends); a layer too large is split by blocks.
     """
-    unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize  # 1 layer, 1 block
+    # bytes of one layer of one block (K and V)
+    unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
     if unit > max_bytes:
-        raise TransferError(f"staging buffer of {max_bytes} bytes cannot hold one block of one layer ({unit})")
+        raise TransferError(f"staging buffer of {max_bytes} bytes cannot hold one layer of one block "
+                            f"({unit})")
     layer_bytes = unit * num_blocks
     if layer_bytes <= max_bytes:
         return min(layout.num_layers, max_bytes // layer_bytes), num_blocks

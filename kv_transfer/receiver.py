@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import (
@@ -21,8 +23,6 @@ from pdserve.kv_transfer.messages import (
 )
 from pdserve.kv_transfer.staging import StagingPool
 
-from pdserve.errors import TransferError
-
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
 
@@ -31,15 +31,16 @@ _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
 class _Incoming:
     transfer_id: int
     block_ids: list[int]
-    block_index: torch.Tensor  # [n] int64 on the cache's device
     deadline: float
     units_left: int  # (layer, head, block) triples still to arrive
     start: float = field(default_factory=time.monotonic)
     state: TransferState = TransferState.WAITING
     num_bytes: int = 0
     conns: set[int] = field(default_factory=set)
-    last_scatter: torch.cuda.Event | None = None  # CUDA: the latest scatter enqueued on a side stream
+    # CUDA: the latest scatter enqueued on each side stream (one per pair delivering to this transfer)
+    scatters: dict[int, torch.cuda.Event] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # orders scatters against failure
+    block_index: torch.Tensor | None = None  # [n] int64 on the cache's device, made by the first scatter
 
 
 class KVReceiver:
@@ -77,11 +78,9 @@ class KVReceiver:
 
     # ---- scheduler-facing ----------------------------------------------------------------------------
     def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None) -> None:
-        """Start waiting for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline."""
+        """Wait for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline."""
         n = len(block_ids)
-        inc = _Incoming(transfer_id, list(block_ids),
-                        torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device),
-                        time.monotonic() + (timeout_s or self.config.timeout_s),
+        inc = _Incoming(transfer_id, list(block_ids), time.monotonic() + (timeout_s or self.config.timeout_s),
                         units_left=self.layout.num_layers * self.layout.num_local_heads * n)
         with self._lock:
             if transfer_id in self._active or transfer_id in self._finished:
@@ -156,7 +155,8 @@ class KVReceiver:
         hs, he = self.layout.heads
         if header.num_blocks != len(inc.block_ids) or not hs <= header.heads[0] < header.heads[1] <= he:
             reason = (f"transfer {header.transfer_id}: sender ships {header.num_blocks} blocks of heads "
-                      f"{header.heads}, receiver expects {len(inc.block_ids)} blocks of heads {self.layout.heads}")
+                      f"{header.heads}, receiver expects {len(inc.block_ids)} blocks of heads "
+                      f"{self.layout.heads}")
             self._fail(inc, reason)
             raise TransferError(reason)
         return inc
@@ -167,26 +167,38 @@ class KVReceiver:
                 header.heads[1] - header.heads[0], self.layout.block_size, self.layout.head_dim)
 
     def scatter(self, inc: _Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
-        """Write one received message into the reserved blocks; False if the transfer already ended."""
+        """Write one received message into the reserved blocks (enqueued, on CUDA); False if it already ended.
+
+        The caller reports the message with landed() once the scatter has run.
+        """
         hs = self.layout.heads[0]
         heads = (header.heads[0] - hs, header.heads[1] - hs)  # global -> this rank's local head indices
         with inc.lock:
             if inc.state.finished:
                 return False
             inc.state = TransferState.TRANSFERRING
+            if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never syncs
+                inc.block_index = torch.tensor(inc.block_ids, dtype=torch.int64, device=self.kv_cache.device)
             ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
                                part.layers, heads)
             if buf.is_cuda:
-                inc.last_scatter = torch.cuda.Event()
-                inc.last_scatter.record()
+                event = torch.cuda.Event()
+                event.record()
+                inc.scatters[torch.cuda.current_stream().stream_id] = event
             inc.num_bytes += buf.numel() * buf.element_size()
-            inc.units_left -= part.num_units(heads[1] - heads[0])
-            complete = inc.units_left == 0 and inc.last_scatter is None
-            if complete:
-                inc.state = TransferState.DONE
-        if complete:
-            self._finish(inc, TransferState.DONE, None)
         return True
+
+    def landed(self, inc: _Incoming, header: TransferHeader, parts: list[MessagePart]) -> None:
+        """These scattered messages are in the blocks (CUDA: their scatters ran); DONE once all have."""
+        units = sum(p.num_units(header.heads[1] - header.heads[0]) for p in parts)
+        with inc.lock:
+            if inc.state.finished:
+                return
+            inc.units_left -= units
+            if inc.units_left:
+                return
+            inc.state = TransferState.DONE
+        self._finish(inc, TransferState.DONE, None)
 
     def conn_lost(self, conn_id: int, reason: str) -> None:
         """A pair broke: the transfers it was delivering cannot complete."""
@@ -204,8 +216,7 @@ class KVReceiver:
         for conn_id in inc.conns:
             self._ingest.drop_conn(conn_id)
         self._finish(inc, TransferState.FAILED, reason)
-        pending = inc.last_scatter is not None and not inc.last_scatter.query()
-        if pending:
+        if not _scatters_done(inc):
             with self._lock:
                 self._quarantine.append(inc)
         else:
@@ -213,7 +224,8 @@ class KVReceiver:
 
     def _finish(self, inc: _Incoming, state: TransferState, error: str | None) -> None:
         # The caller has already moved inc.state to `state` under inc.lock (so exactly one caller gets here).
-        result = TransferResult(inc.transfer_id, state, inc.num_bytes, time.monotonic() - inc.start, error)
+        now = time.monotonic()
+        result = TransferResult(inc.transfer_id, state, inc.num_bytes, now - inc.start, now, error)
         with self._lock:
             self._active.pop(inc.transfer_id, None)
             self._finished[inc.transfer_id] = result
@@ -223,16 +235,8 @@ class KVReceiver:
             self._lock.notify_all()
         self.stats.record_finish(result)
 
-    def _settle(self, inc: _Incoming) -> None:
-        """CUDA: every byte arrived and the last scatter ran."""
-        with inc.lock:
-            if inc.state.finished:
-                return
-            inc.state = TransferState.DONE
-        self._finish(inc, TransferState.DONE, None)
-
     def _watch(self) -> None:
-        """Enforce deadlines, settle CUDA scatters, release quarantined blocks; every 10 ms."""
+        """Enforce deadlines and release quarantined blocks; every 10 ms."""
         while not self._closed.wait(0.01):
             now = time.monotonic()
             with self._lock:
@@ -240,15 +244,19 @@ class KVReceiver:
                 quarantine, self._quarantine = self._quarantine, []
             for inc in active:
                 if now > inc.deadline:
-                    self._fail(inc, f"timed out after {now - inc.start:.1f}s ({inc.units_left} units missing)")
-                elif inc.units_left == 0 and inc.last_scatter is not None and inc.last_scatter.query():
-                    self._settle(inc)
+                    missing = f"{inc.units_left} (layer, head, block) units missing"
+                    self._fail(inc, f"timed out after {now - inc.start:.1f}s ({missing})")
             for inc in quarantine:
-                if inc.last_scatter.query():
+                if _scatters_done(inc):
                     self._release(inc.block_ids)
                 else:
                     with self._lock:
                         self._quarantine.append(inc)
+
+
+def _scatters_done(inc: _Incoming) -> bool:
+    with inc.lock:
+        return all(event.query() for event in inc.scatters.values())
 
 
 def _make_ingest(kind: TransportKind, receiver: KVReceiver, host: str):

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import (
     Destination,
@@ -20,8 +22,6 @@ from pdserve.kv_transfer.pair_worker import PairWorker
 from pdserve.kv_transfer.plan import plan_sends
 from pdserve.kv_transfer.staging import StagingPool
 
-from pdserve.errors import TransferError
-
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
 
@@ -32,7 +32,6 @@ class Outgoing:
 
     transfer_id: int
     block_ids: list[int]
-    block_index: torch.Tensor  # [n] int64 on the cache's device
     deadline: float
     parts_left: int  # slices (one per receiving rank) not yet sent
     start: float = field(default_factory=time.monotonic)
@@ -84,9 +83,8 @@ class KVSender:
                    timeout_s: float | None = None) -> None:
         """Register a transfer of `block_ids` to the gang `dest`; nothing moves until layers are saved."""
         slices = plan_sends(self.layout, len(dest.endpoints))
-        out = Outgoing(transfer_id, list(block_ids),
-                       torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device),
-                       time.monotonic() + (timeout_s or self.config.timeout_s), parts_left=len(slices))
+        deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
+        out = Outgoing(transfer_id, list(block_ids), deadline, parts_left=len(slices))
         with self._lock:
             if transfer_id in self._active or transfer_id in self._finished:
                 raise TransferError(f"transfer {transfer_id} is already known to this sender")
@@ -106,7 +104,8 @@ class KVSender:
             event.record()
         with out.cond:
             if layer != out.layers_ready:
-                raise TransferError(f"transfer {transfer_id}: layer {layer} saved, {out.layers_ready} expected")
+                raise TransferError(f"transfer {transfer_id}: layer {layer} saved, "
+                                    f"layer {out.layers_ready} expected")
             out.layer_events.append(event)
             out.layers_ready += 1
             out.cond.notify_all()
@@ -187,7 +186,8 @@ class KVSender:
                 return
             out.state = state
             out.cond.notify_all()
-        result = TransferResult(out.transfer_id, state, out.num_bytes, time.monotonic() - out.start, error)
+        now = time.monotonic()
+        result = TransferResult(out.transfer_id, state, out.num_bytes, now - out.start, now, error)
         with self._lock:
             self._active.pop(out.transfer_id, None)
             self._finished[out.transfer_id] = result

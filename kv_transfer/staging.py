@@ -1,6 +1,7 @@
 """A bounded pool of reusable staging buffers: blocks are gathered into one and sent as one message."""
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -31,8 +32,11 @@ class StagingPool:
         self.buffer_bytes = buffer_bytes
         self.device = torch.device(device)
         pin = self.device.type == "cpu" and torch.cuda.is_available()  # host side of a GPU's gRPC path
-        self._free = [StagingBuffer(torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device,
-                                                pin_memory=pin)) for _ in range(num_buffers)]
+        # NOTE: first in, first out, so consecutive messages use different buffers: on CUDA the gather of the
+        # next message overlaps the send of the previous one instead of waiting for it.
+        self._free = collections.deque(
+            StagingBuffer(torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device, pin_memory=pin))
+            for _ in range(num_buffers))
         self._cond = threading.Condition()
 
     def acquire(self, deadline: float) -> StagingBuffer:
@@ -42,7 +46,7 @@ class StagingPool:
                 if left <= 0:
                     raise TransferError("timed out waiting for a free KV staging buffer")
                 self._cond.wait(left)
-            buf = self._free.pop()
+            buf = self._free.popleft()
         if buf.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(buf.ready)
         return buf

@@ -16,10 +16,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from pdserve.kv_transfer.layout import KVLayout, check_match
-from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
 
 from pdserve.errors import TransferError
+from pdserve.kv_transfer.layout import KVLayout, check_match
+from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
 
 SENDER, RECEIVER = 0, 1
 
@@ -33,6 +33,15 @@ def local_ip_towards(host: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, 9))  # UDP connect sends nothing; it only picks the route
         return s.getsockname()[0]
+
+
+def group_timeout_s(config: TransferConfig) -> float:
+    """The group's own timeout, past every deadline we enforce ourselves.
+
+    NOTE: an idle pair keeps a header receive posted for up to twice the idle timeout; NCCL's watchdog must
+    not fire first (by default it takes the whole process down).
+    """
+    return config.connect_timeout_s + 2 * config.idle_timeout_s + config.timeout_s
 
 
 def make_group(store: dist.Store, conn_id: int, rank: int, device: torch.device, bind_host: str,
@@ -62,10 +71,13 @@ def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
 
 
 def wait_event(event: torch.cuda.Event, deadline: float, what: str) -> None:
+    """Poll a CUDA event until it completes or the deadline passes (a plain synchronize has no deadline)."""
+    spin_until = time.monotonic() + 0.02  # transfers end within microseconds of the check: spin briefly first
     while not event.query():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise TransferError(f"{what} did not complete within its deadline")
-        time.sleep(0.0002)
+        time.sleep(0 if now < spin_until else 0.0002)
 
 
 def recv_header(pg: dist.ProcessGroup, device: torch.device, deadline: float) -> list[int]:
@@ -161,7 +173,7 @@ class TorchDistLink:
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
         remote = self._handshake.exchange(local, transfer_id, deadline)
         self._group = make_group(self._handshake.store, self._handshake.conn_id, SENDER, self.device,
-                                 self._bind_host, self.config.connect_timeout_s)
+                                 self._bind_host, group_timeout_s(self.config))
         return remote
 
     def is_open(self) -> bool:

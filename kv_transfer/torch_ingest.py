@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout, check_match
 from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.torch_dist import (
@@ -15,12 +17,12 @@ from pdserve.kv_transfer.torch_dist import (
     SENDER,
     StoreListener,
     closed_key,
+    group_timeout_s,
     make_group,
     recv_header,
+    wait_event,
     wait_work,
 )
-
-from pdserve.errors import TransferError
 
 
 @dataclass
@@ -60,11 +62,12 @@ class TorchDistIngest:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             try:
                 pair.group = make_group(self._listener.store, pair.conn_id, RECEIVER, self.device, self.host,
-                                        config.connect_timeout_s)
+                                        group_timeout_s(config))
                 stats.add(groups_created=1)
                 while not pair.dropped.is_set():
                     # A live sender closes an idle pair itself, so a silence twice as long means it is gone.
-                    values = recv_header(pair.group, self.device, time.monotonic() + 2 * config.idle_timeout_s)
+                    idle_deadline = time.monotonic() + 2 * config.idle_timeout_s
+                    values = recv_header(pair.group, self.device, idle_deadline)
                     header = TransferHeader.from_list(values)
                     if header is None:
                         break
@@ -76,11 +79,12 @@ class TorchDistIngest:
                 self._teardown(pair)
 
     def _receive(self, pair: _Pair, header: TransferHeader) -> None:
-        """Post every message's receive back to back; each scatter follows its receive on this thread's stream."""
+        """Post every message's receive back to back; each scatter follows its receive on this stream."""
         receiver, cuda = self.receiver, self.device.type == "cuda"
         inc = receiver.open_part(pair.conn_id, header)
         dtype = receiver.layout.torch_dtype
-        for part in message_plan(receiver.layout.num_layers, header):
+        parts = message_plan(receiver.layout.num_layers, header)
+        for part in parts:
             buf = receiver.staging.acquire(inc.deadline)
             try:
                 payload = buf.view(dtype, receiver.part_shape(header, part))  # [Lm, 2, nm, Hm, Bs, D]
@@ -90,6 +94,11 @@ class TorchDistIngest:
                 receiver.staging.release(buf)
             if not delivered or pair.dropped.is_set():
                 raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
+        if cuda:  # the scatters were enqueued on this thread's stream: wait (bounded) until they ran
+            done = torch.cuda.Event()
+            done.record()
+            wait_event(done, inc.deadline, "KV scatter")
+        receiver.landed(inc, header, parts)
 
     def drop_conn(self, conn_id: int) -> None:
         """Tear a pair down from outside its thread (its transfer failed): the sender rebuilds on next use."""

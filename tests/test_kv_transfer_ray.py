@@ -6,6 +6,7 @@ import time
 import pytest
 import ray
 import torch
+
 from pdserve.kv_transfer import (
     Destination,
     KVLayout,
@@ -35,8 +36,8 @@ class KVRank:
     def setup(self, role: str, tp_size: int, tp_rank: int, transport=None, config=CONFIG, seed=0, **layout):
         if getattr(self, "end", None) is not None:
             self.end.close()
-        self.layout = KVLayout("tiny", "bfloat16", NUM_LAYERS, BLOCK_SIZE, HEAD_DIM, NUM_HEADS, tp_size, tp_rank)
-        self.layout = KVLayout(**{**self.layout.to_dict(), **layout})
+        base = KVLayout("tiny", "bfloat16", NUM_LAYERS, BLOCK_SIZE, HEAD_DIM, NUM_HEADS, tp_size, tp_rank)
+        self.layout = KVLayout(**{**base.to_dict(), **layout})
         hs, he = self.layout.heads
         cache = global_cache(seed)[:, :, :, hs:he].clone()
         if role == "receiver":
@@ -148,7 +149,9 @@ def test_twenty_concurrent_transfers_on_one_pair_complete_in_order(ranks, transp
     src_ids = [ray.get(sender.take.remote(2, 1)) for _ in tids]
     dst_ids = [ray.get(receiver.take.remote(2, 1)) for _ in tids]
     ray.get([receiver.call.remote("expect", t, ids) for t, ids in zip(tids, dst_ids)])
-    ray.get([sender.send.remote(t, dest, ids, NUM_LAYERS if t % 2 else None) for t, ids in zip(tids, src_ids)])
+    # Odd ids layer by layer, even ids whole.
+    ray.get([sender.send.remote(t, dest, ids, NUM_LAYERS if t % 2 else None)
+             for t, ids in zip(tids, src_ids)])
     results = ray.get([receiver.call.remote("wait", t, 20) for t in tids])
     assert all(r.state is TransferState.DONE for r in results)
     assert [r.transfer_id for r in ray.get(receiver.call.remote("get_finished"))] == tids

@@ -1,9 +1,11 @@
-"""KV transfer pieces that need no second process: resharding plans, message plans, layout checks, deadlines."""
+"""KV transfer without a second process: resharding and message plans, layout checks, deadlines."""
 import threading
 import time
 
 import pytest
 import torch
+
+from pdserve.errors import TransferError
 from pdserve.kv_transfer import (
     Destination,
     KVLayout,
@@ -18,8 +20,6 @@ from pdserve.kv_transfer import (
 )
 from pdserve.kv_transfer.messages import TransferHeader, message_plan
 from pdserve.kv_transfer.plan import message_shape
-
-from pdserve.errors import TransferError
 
 
 def make_layout(tp_size=1, tp_rank=0, num_kv_heads=4, **overrides) -> KVLayout:
@@ -52,7 +52,8 @@ class BlockPool:
 
 
 @pytest.mark.parametrize("num_kv_heads,src_tp,dst_tp", [
-    (8, 1, 1), (8, 1, 2), (8, 2, 1), (8, 2, 4), (8, 4, 2), (8, 8, 2), (2, 4, 2), (2, 1, 4), (2, 4, 1), (1, 2, 4),
+    (8, 1, 1), (8, 1, 2), (8, 2, 1), (8, 2, 4), (8, 4, 2), (8, 8, 2),
+    (2, 4, 2), (2, 1, 4), (2, 4, 1), (1, 2, 4),
 ])
 def test_plan_gives_every_receiving_rank_each_of_its_heads_exactly_once(num_kv_heads, src_tp, dst_tp):
     got = {r: [] for r in range(dst_tp)}
