@@ -112,6 +112,12 @@ class TPRank:
     def free_blocks(self) -> tuple[int, int]:
         return self.engine.kv.num_free_blocks, self.engine.kv.num_blocks
 
+    def bench(self, context: int, batches: list[int]) -> dict:
+        """Rank 0: time synthetic steps through the gang (see `pdserve.bench.engine`)."""
+        from pdserve.bench.engine import measure
+
+        return measure(self.engine, context, batches)
+
     def shutdown(self) -> None:
         if self.engine is not None and self.size > 1:
             self.engine.stop_peers()

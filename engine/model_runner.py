@@ -6,6 +6,7 @@ import logging
 import torch
 
 from pdserve.config import DeploymentConfig
+from pdserve.engine.cuda_graphs import CudaGraphRunner
 from pdserve.engine.loader import build_model
 from pdserve.engine.model_config import ModelSpec
 from pdserve.engine.parallel import TPGroup
@@ -35,15 +36,20 @@ class ModelRunner:
         attn = self.model.attention_layers()[0]
         self.num_kv_heads = attn.num_kv_heads  # local to this rank
         self.num_blocks = self._agree_on_min(self._num_kv_blocks())
-        # [L, 2, num_blocks, Hkv_local, block_size, D]: head-major blocks, one view per layer
+        # [L, 2, num_blocks + 1, Hkv_local, block_size, D]: head-major blocks, one view per layer.
+        # The extra last block is scratch for CUDA-graph padding rows; the block pool never hands it out.
         self.kv_cache = torch.zeros(
-            spec.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, spec.head_dim,
+            spec.num_layers, 2, self.num_blocks + 1, self.num_kv_heads, self.block_size, spec.head_dim,
             dtype=self.dtype, device=device,
         )
         for i, layer in enumerate(self.model.attention_layers()):
             layer.kv_cache = self.kv_cache[i]
         self.max_model_len = self._max_model_len(max_positions)
         self.sampler = Sampler()
+        self.graphs = None
+        if device.type == "cuda" and config.enable_cuda_graphs:
+            self.graphs = CudaGraphRunner(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
+                                          self.num_blocks, self.block_size, device)
 
     def block_bytes(self) -> int:
         return 2 * self.spec.num_layers * self.num_kv_heads * self.block_size * self.spec.head_dim * self.dtype.itemsize
@@ -60,7 +66,7 @@ class ModelRunner:
                 f"gpu_memory_utilization: {self.config.gpu_memory_utilization} leaves no room for the KV cache "
                 f"after weights and activations ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f})"
             )
-        return int(budget // self.block_bytes())
+        return int(budget // self.block_bytes()) - 1  # one block is the CUDA-graph scratch block
 
     def _agree_on_min(self, n: int) -> int:
         """Every rank of a gang must size its cache alike: take the smallest."""
@@ -110,6 +116,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         batch = batch.to(self.device)
         hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
         return self.model.compute_logits(hidden[batch.logits_indices])

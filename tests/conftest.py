@@ -85,3 +85,12 @@ def assert_pool_full(engine) -> None:
     assert engine.kv.num_free_blocks == engine.kv.num_blocks, (
         f"{engine.kv.num_blocks - engine.kv.num_free_blocks} blocks still held"
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+
 from pdserve.engine.sampler import Sampler, SamplingBatch, apply_penalties
 from pdserve.engine.sampling_params import SamplingParams
-
 from pdserve.errors import InvalidRequestError
 
 VOCAB = 32

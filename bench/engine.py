@@ -1,0 +1,188 @@
+"""Engine benchmark: decode step time and prefill throughput on a real model shape, against this GPU's
+ceilings and against `transformers` on the same shape, all measured in one run.
+
+    python -m pdserve.bench.engine [--model configs/models/llama3-8b] [--tp 1|2] [--out DIR]
+
+Decode: B sequences of `--context` cached tokens each take one step; the step reads every weight
+once and every sequence's KV, so (weight bytes + KV bytes) / step time is compared with the
+device-copy bandwidth. Prefill: 8 x 2048 new tokens in one step; model FLOPs (2 per weight per
+token, plus causal attention) / time is compared with the bf16 GEMM rate. With --tp N the model
+runs as a TP gang of N Ray actors (one GPU each); times are taken on rank 0, which drives the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from pdserve.config import load_config
+from pdserve.engine.step import StepBatch
+
+DECODE_BATCHES = (1, 16, 64, 256)
+
+
+def synthetic_step(batch: int, new_tokens: int, context: int, block_size: int) -> StepBatch:
+    """`batch` sequences, each with `context` cached tokens and `new_tokens` new ones, in disjoint blocks."""
+    total = context + new_tokens
+    per_seq = -(-total // block_size)
+    tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq)
+    pos = torch.arange(context, total).repeat(batch)  # [B * new]
+    seq = torch.arange(batch).repeat_interleave(new_tokens)
+    slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
+    q_start = torch.arange(batch + 1, dtype=torch.int32) * new_tokens
+    return StepBatch(
+        input_ids=torch.randint(0, 1000, (batch * new_tokens,)), positions=pos, slot_mapping=slots,
+        block_tables=tables, query_start_loc=q_start, seq_lens=torch.full((batch,), total, dtype=torch.int32),
+        logits_indices=q_start[1:].long() - 1, decode_only=new_tokens == 1,
+    )
+
+
+def time_step(execute, batch: StepBatch, iters: int = 10) -> float:
+    """Median seconds of `execute(batch)` (warmed up), synchronised around each call."""
+    for _ in range(3):
+        execute(batch)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        execute(batch)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times)
+
+
+def measure(engine, context: int, batches=DECODE_BATCHES) -> dict:
+    """Decode step times per batch and the 8 x 2048 prefill time, on `engine` (an LLMEngine or rank 0's)."""
+    bs = engine.config.block_size
+    decode = {b: time_step(engine.execute, synthetic_step(b, 1, context, bs)) for b in batches}
+    prefill = time_step(engine.execute, synthetic_step(8, 2048, 0, bs), iters=5)
+    return {"decode_s": decode, "prefill_s": prefill}
+
+
+def model_amounts(spec, tp: int, context: int) -> dict:
+    """Bytes read per decode step (weights + KV, per rank) and FLOPs of the 8 x 2048 prefill (whole model)."""
+    d, h = spec.head_dim, spec.hidden_size
+    attn = h * d * (spec.num_heads + 2 * spec.num_kv_heads) + spec.num_heads * d * h
+    mlp = 3 * h * spec.intermediate_size
+    layer_params = spec.num_layers * (attn + mlp)
+    weight_bytes = 2 * (layer_params + spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)) / tp
+    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * d * 2 / tp
+    seqs, seq = 8, 2048
+    flops = 2 * seqs * seq * (layer_params + spec.vocab_size * h / seq)  # head only on the last token
+    flops += seqs * spec.num_layers * 2 * seq * seq * spec.num_heads * d  # causal QK^T and PV
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "prefill_flops": flops}
+
+
+def hf_baseline(model_dir: str, context: int, batches) -> dict:
+    """transformers on the same shape (random weights, bf16, SDPA attention, its dynamic KV cache)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    out = {"decode_s": {}}
+    with torch.inference_mode():
+        ids = torch.randint(0, 1000, (8, 2048), device="cuda")
+        out["prefill_s"] = time_step(lambda _: model(ids, use_cache=False, logits_to_keep=1), None, iters=5)
+        for b in batches:
+            prompt = torch.randint(0, 1000, (b, context), device="cuda")
+            past = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
+            nxt = torch.randint(0, 1000, (b, 1), device="cuda")
+
+            def one(_, past=past, nxt=nxt):
+                model(nxt, past_key_values=past, use_cache=True)
+                past.crop(context)  # keep the context fixed across repeats
+
+            out["decode_s"][b] = time_step(one, None)
+            del past
+            torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def report(name: str, res: dict, amounts: dict, ceil: dict, context: int) -> list[dict]:
+    rows = []
+    for b, t in res["decode_s"].items():
+        moved = amounts["weight_bytes"] + b * context * amounts["kv_bytes_per_token"]
+        rows.append({"engine": name, "case": f"decode B={b} ctx={context}", "ms": t * 1e3,
+                     "of_ceiling": moved / t / ceil["copy_bytes_per_s"]})
+    rate = amounts["prefill_flops"] / res["prefill_s"]
+    rows.append({"engine": name, "case": "prefill 8x2048", "ms": res["prefill_s"] * 1e3,
+                 "of_ceiling": rate / ceil["gemm_bf16_flop_per_s"]})
+    return rows
+
+
+def run_single(config, context: int, batches) -> dict:
+    from pdserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    res = measure(engine, context, batches)
+    spec = engine.spec
+    del engine
+    torch.cuda.empty_cache()
+    return res, spec
+
+
+def run_gang(config, tp: int, context: int, batches) -> dict:
+    import ray
+
+    from pdserve.cluster.tp_gang import TPGang
+
+    ray.init(num_gpus=tp, include_dashboard=False, logging_level="ERROR")
+    gang = TPGang(config, tp)
+    try:
+        return gang._wait(gang.ranks[0].bench.remote(context, list(batches)), 1800, "bench"), gang.spec
+    finally:
+        gang.shutdown()
+        ray.shutdown()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="configs/models/llama3-8b")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)))
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--out", default=None, help="folder for engine_tp{N}.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("pdserve.bench.engine needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from pdserve.bench.kernels import ceilings
+
+    batches = [int(b) for b in args.batches.split(",")]
+    blocks = -(-(max(batches) * (args.context + 1)) // 16) + 8
+    config = load_config(None, model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
+                         num_kv_blocks=max(blocks, 8 * 2048 // 16 + 8), max_model_len=4096,
+                         max_num_seqs=max(batches), max_num_batched_tokens=16384)
+    ceil = ceilings()
+    res, spec = run_single(config, args.context, batches)  # TP=1 always: the in-run baseline for TP=N
+    rows = report("pdserve tp1", res, model_amounts(spec, 1, args.context), ceil, args.context)
+    if args.tp > 1:
+        res_tp, _ = run_gang(config, args.tp, args.context, batches)
+        rows += report(f"pdserve tp{args.tp}", res_tp, model_amounts(spec, args.tp, args.context), ceil, args.context)
+        for b in batches:
+            rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
+                         "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})
+    if not args.no_hf:
+        hf = hf_baseline(args.model, args.context, batches)
+        rows += report("transformers", hf, model_amounts(spec, 1, args.context), ceil, args.context)
+    print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM {ceil['gemm_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    print(f"{'engine':<16}{'case':<26}{'ms':>10}{'of ceiling':>12}")
+    for r in rows:
+        print(f"{r['engine']:<16}{r['case']:<26}{r['ms']:>10.3f}{r['of_ceiling']:>12.3f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, f"engine_tp{args.tp}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
