@@ -101,8 +101,6 @@ def hf_baseline(model_dir: str, context: int, batches) -> dict:
             out["decode_s"][b] = time_step(one, None)
             del past
             torch.cuda.empty_cache()
-    del model
-    torch.cuda.empty_cache()
     return out
 
 
@@ -167,14 +165,16 @@ def main() -> int:
     rows = report("pdserve tp1", res, model_amounts(spec, 1, args.context), ceil, args.context)
     if args.tp > 1:
         res_tp, _ = run_gang(config, args.tp, args.context, batches)
-        rows += report(f"pdserve tp{args.tp}", res_tp, model_amounts(spec, args.tp, args.context), ceil, args.context)
+        amounts_tp = model_amounts(spec, args.tp, args.context)
+        rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context)
         for b in batches:
             rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
                          "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})
     if not args.no_hf:
         hf = hf_baseline(args.model, args.context, batches)
         rows += report("transformers", hf, model_amounts(spec, 1, args.context), ceil, args.context)
-    print(f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM {ceil['gemm_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    copy_tb, gemm_tf = ceil["copy_bytes_per_s"] / 1e12, ceil["gemm_bf16_flop_per_s"] / 1e12
+    print(f"copy {copy_tb:.2f} TB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
     print(f"{'engine':<16}{'case':<26}{'ms':>10}{'of ceiling':>12}")
     for r in rows:
         print(f"{r['engine']:<16}{r['case']:<26}{r['ms']:>10.3f}{r['of_ceiling']:>12.3f}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_pool_full, hf_greedy, make_engine
 
+from conftest import assert_pool_full, hf_greedy, make_engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.step import StepBatch
 
