@@ -1,0 +1,36 @@
+"""TP=2 over NCCL on two GPUs gives the fp32 greedy tokens of TP=1."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_engine
+from pdserve.config import load_config
+from pdserve.engine.sampling_params import SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs"),
+]
+
+
+def test_tp2_nccl_equals_tp1(tiny_checkpoints):
+    import ray
+
+    from pdserve.cluster.tp_gang import NCCL_ENV, TPGang
+
+    path = tiny_checkpoints["llama-gqa-untied"]
+    prompts = [[5, 9, 33, 7, 100, 3], [11, 12, 13], list(range(3, 60))]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    expected = make_engine(path, device="cuda").generate(prompts, params)
+    ray.init(num_gpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": NCCL_ENV})
+    try:
+        gang = TPGang(load_config(None, model=path, device="cuda", dtype="float32"), 2)
+        try:
+            assert gang.generate(prompts, params) == expected
+            free, total = gang.free_blocks()
+            assert free == total
+        finally:
+            gang.shutdown()
+    finally:
+        ray.shutdown()
