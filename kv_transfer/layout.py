@@ -6,25 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.parallel import kv_head_range
 from pdserve.errors import TransferError
 
 HeadRange = tuple[int, int]
 
 
 def heads_of_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadRange:
-    """The global kv heads [start, end) that TP rank `tp_rank` of `tp_size` holds.
-
-    H >= tp: an even split. H < tp: heads are replicated and rank r holds the single head r*H//tp.
-    """
-    if num_kv_heads >= tp_size:
-        if num_kv_heads % tp_size:
-            raise TransferError(f"num_kv_heads {num_kv_heads} is not divisible by tp_size {tp_size}")
-        per_rank = num_kv_heads // tp_size
-        return tp_rank * per_rank, (tp_rank + 1) * per_rank
-    if tp_size % num_kv_heads:
+    """The global kv heads [start, end) that TP rank `tp_rank` of `tp_size` holds: exactly what the
+    engine's QKV layer loads (`kv_head_range`), so transfers and models can never disagree."""
+    if num_kv_heads < tp_size and tp_size % num_kv_heads:
         raise TransferError(f"tp_size {tp_size} is not a multiple of num_kv_heads {num_kv_heads}")
-    head = tp_rank * num_kv_heads // tp_size
-    return head, head + 1
+    return kv_head_range(num_kv_heads, tp_size, tp_rank)
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,20 @@ def test_two_gangs_start_together_and_die_cleanly(tiny_checkpoints):
         for g in gangs:
             if g is not None:
                 g.shutdown()
+
+
+def test_pools_take_tp_size_from_the_deployment(tiny_checkpoints):
+    from pdserve.cluster.pools import Role, WorkerPool
+
+    path = tiny_checkpoints["llama-gqa-untied"]
+    config = load_config(None, model=path, device="cpu", dtype="float32",
+                         prefill={"count": 1, "tp_size": 2}, decode={"count": 1, "tp_size": 1})
+    expected = make_engine(path).generate(PROMPTS, GREEDY)
+    pools = [WorkerPool(config, Role.PREFILL), WorkerPool(config, Role.DECODE)]
+    try:
+        assert [len(p.workers[0].ranks) for p in pools] == [2, 1]
+        for p in pools:
+            assert p.workers[0].generate(PROMPTS, GREEDY) == expected
+    finally:
+        for p in pools:
+            p.shutdown()
