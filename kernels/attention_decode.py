@@ -73,8 +73,9 @@ def paged_decode_attention_ref(
 # NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
 # it is False on GPU, where the dots take the cache dtype (tensor cores).
 
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-SPLIT_TARGET_WAVES = 4  # aim for >= 4 programs per SM so HBM sees enough loads in flight
+# Tile and split defaults from the H200 sweep in docs/benchmarks.md (Kernels).
+DECODE_CONFIG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+SPLIT_TARGET_WAVES = 4  # split while the grid is under ~4 programs per SM (B64 x 8 kv heads: unsplit)
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial write) starts to show
 MAX_SPLITS = 64
 
@@ -161,17 +162,21 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per sequence so that batch x kv_heads x splits fills the GPU, from shapes only (graph-safe)."""
-    want = triton.cdiv(SPLIT_TARGET_WAVES * _num_sms(device), batch * num_kv_heads)
+    want = SPLIT_TARGET_WAVES * _num_sms(device) // (batch * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
 
 
-def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, device) -> None:
+def check_paged_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, device: torch.device
+) -> None:
     """Shared wrapper checks for the paged K/V cache and block tables."""
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k/v cache: [num_blocks, Hkv, block_size, D]"
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v cache: same strides, D innermost"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k/v cache: [num_blocks, Hkv, Bs, D]"
+    assert k_cache.stride() == v_cache.stride(), "k/v cache: same strides"
+    assert k_cache.stride(-1) == 1, "k/v cache: D innermost"
     assert k_cache.dtype == v_cache.dtype, "k/v cache dtypes differ"
     assert k_cache.device == v_cache.device == block_tables.device == device, "all tensors on one device"
-    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1, "block_tables: int32, rows contiguous"
+    assert block_tables.dtype == torch.int32, "block_tables: int32"
+    assert block_tables.stride(1) == 1, "block_tables: rows contiguous"
 
 
 def paged_decode_attention_triton(
@@ -185,7 +190,8 @@ def paged_decode_attention_triton(
     _, num_kv_heads, block_size, _ = k_cache.shape
     check_paged_cache(k_cache, v_cache, block_tables, q.device)
     assert q.stride(-1) == 1 and q.dtype == k_cache.dtype, "q: D innermost, same dtype as the cache"
-    assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
+    assert k_cache.shape[3] == head_dim, "q and cache head_dim differ"
+    assert num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
     assert block_tables.shape[0] == batch and context_lens.shape == (batch,), "one row per sequence"
     assert context_lens.dtype == torch.int32 and context_lens.device == q.device, "context_lens: int32"
     group = num_heads // num_kv_heads
@@ -198,7 +204,8 @@ def paged_decode_attention_triton(
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse,
         scale * LOG2E, sliding_window or 0, num_splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
         DOT_FP32=not q.is_cuda,

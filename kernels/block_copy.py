@@ -21,7 +21,11 @@ def gather_blocks_ref(
 
 
 def gather_blocks_into_ref(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor, layers: Range = None, heads: Range = None
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    layers: Range = None,
+    heads: Range = None,
 ) -> torch.Tensor:
     """Like gather_blocks_ref, but into the given contiguous staging buffer `out`; returns out."""
     torch.index_select(_view(kv_cache, layers, heads), 2, block_ids, out=out)
@@ -29,9 +33,13 @@ def gather_blocks_into_ref(
 
 
 def scatter_blocks_ref(
-    buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, layers: Range = None, heads: Range = None
+    buf: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    layers: Range = None,
+    heads: Range = None,
 ) -> None:
-    """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache, in place."""
+    """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache in place."""
     _view(kv_cache, layers, heads).index_copy_(2, block_ids, buf)
 
 
@@ -72,7 +80,8 @@ def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, la
     assert buf.device == kv_cache.device == block_ids.device, "all tensors on one device"
     chunk = block_size * head_dim
     _block_copy_kernel[(block_ids.shape[0], num_layers * 2)](
-        view, buf, block_ids, block_ids.shape[0], view.stride(0), view.stride(1), view.stride(2), view.stride(3),
+        view, buf, block_ids, block_ids.shape[0],
+        view.stride(0), view.stride(1), view.stride(2), view.stride(3),
         NUM_HEADS=num_heads, CHUNK=chunk, BLOCK=min(4096, triton.next_power_of_2(chunk)), TO_BUF=to_buf,
         num_warps=4,
     )
@@ -90,7 +99,11 @@ def gather_blocks_triton(
 
 
 def gather_blocks_into_triton(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor, layers: Range = None, heads: Range = None
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    layers: Range = None,
+    heads: Range = None,
 ) -> torch.Tensor:
     """Triton gather_blocks_into (same contract as the ref)."""
     _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
@@ -98,7 +111,11 @@ def gather_blocks_into_triton(
 
 
 def scatter_blocks_triton(
-    buf: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, layers: Range = None, heads: Range = None
+    buf: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    layers: Range = None,
+    heads: Range = None,
 ) -> None:
     """Triton scatter_blocks (same contract as the ref)."""
     _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False)

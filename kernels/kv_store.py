@@ -33,7 +33,8 @@ def _store_kv_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dst = (slot // BLOCK_SIZE) * stride_cn + (slot % BLOCK_SIZE) * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cn + (slot % BLOCK_SIZE) * stride_ct
+    dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :]
     k = tl.load(key_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(value_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     tl.store(k_cache_ptr + dst, k, mask=mask)
@@ -41,17 +42,23 @@ def _store_kv_kernel(
 
 
 def store_kv_triton(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> None:
-    """Triton store_kv (same contract as the ref). key/value may be strided views (e.g. slices of a fused qkv)."""
+    """Triton store_kv (same contract as the ref); key/value may be strided views (slices of a fused qkv)."""
     num_tokens, num_heads, head_dim = key.shape
     assert value.shape == key.shape and k_cache.shape == v_cache.shape, "key/value and k/v cache shapes"
     assert k_cache.dim() == 4 and k_cache.shape[1] == num_heads and k_cache.shape[3] == head_dim, (
         f"cache {tuple(k_cache.shape)} is not [num_blocks, {num_heads}, block_size, {head_dim}]")
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v cache: same strides, D innermost"
+    assert k_cache.stride() == v_cache.stride(), "k/v cache: same strides"
+    assert k_cache.stride(-1) == 1, "k/v cache: D innermost"
     assert key.stride(-1) == 1 and value.stride(-1) == 1, "key/value: D innermost"
     assert key.dtype == value.dtype == k_cache.dtype == v_cache.dtype, "key/value/cache dtypes differ"
-    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64, "slot_mapping: [T] int64"
+    assert slot_mapping.shape == (num_tokens,), "slot_mapping: [T]"
+    assert slot_mapping.dtype == torch.int64, "slot_mapping: int64"
     assert key.device == k_cache.device == slot_mapping.device, "all tensors on one device"
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,

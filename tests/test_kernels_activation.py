@@ -1,4 +1,5 @@
 """SiLU-and-mul: reference against the HF MLP activation, Triton against the reference."""
+
 import os
 
 import torch
@@ -9,9 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest
 import triton.language as tl
-from pdserve.kernels import activation
 from transformers.activations import ACT2FN
 from triton.runtime.jit import JITFunction
+
+from pdserve.kernels import activation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
@@ -32,7 +34,9 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,7 +49,9 @@ def test_ref_matches_hf(dtype):
 def check(num_tokens, inter, dtype, device):
     x = torch.randn(num_tokens, 2 * inter + 8, dtype=dtype, device=device)[:, : 2 * inter]  # strided rows
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]  # one ulp: exp differs
-    torch.testing.assert_close(activation.silu_and_mul_triton(x), activation.silu_and_mul_ref(x), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        activation.silu_and_mul_triton(x), activation.silu_and_mul_ref(x), atol=tol, rtol=tol
+    )
 
 
 @runs_triton

@@ -1,5 +1,6 @@
 """Paged decode/prefill attention: references against a naive per-token oracle, Triton against the references
 (under TRITON_INTERPRET on CPU at tiny shapes; real shapes on GPU)."""
+
 import os
 
 import torch
@@ -10,8 +11,9 @@ if not torch.cuda.is_available():
 
 import pytest
 import triton.language as tl
-from pdserve.kernels import attention_decode, attention_prefill
 from triton.runtime.jit import JITFunction
+
+from pdserve.kernels import attention_decode, attention_prefill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
@@ -32,7 +34,9 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device)
+    )
 
 
 def make_cache(seq_lens, hkv, d, block_size, dtype, device="cpu", extra_blocks=3):
@@ -44,9 +48,11 @@ def make_cache(seq_lens, hkv, d, block_size, dtype, device="cpu", extra_blocks=3
     valid = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     used = 0
     for s, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
-        table[s, :nb] = ids[used:used + nb].int()
+        table[s, :nb] = ids[used : used + nb].int()
         used += nb
-        valid.view(-1)[(table[s, :nb].long()[:, None] * block_size + torch.arange(block_size)).view(-1)[:n]] = True
+        valid.view(-1)[
+            (table[s, :nb].long()[:, None] * block_size + torch.arange(block_size)).view(-1)[:n]
+        ] = True
     k_cache = torch.randn(num_blocks, hkv, block_size, d, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     k_cache.masked_fill_(~valid[:, None, :, None], float("nan"))
@@ -96,8 +102,12 @@ def test_decode_ref(seq_lens, q_lens, hq, hkv, window, dtype):
     q = torch.randn(len(seq_lens), hq, 16, dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     out = attention_decode.paged_decode_attention_ref(q, k_cache, v_cache, table, lens, 0.25, window)
-    want = torch.stack([naive_attention(q[b], k_cache, v_cache, table[b], n - 1, 0.25, window)
-                        for b, n in enumerate(seq_lens)])
+    want = torch.stack(
+        [
+            naive_attention(q[b], k_cache, v_cache, table[b], n - 1, 0.25, window)
+            for b, n in enumerate(seq_lens)
+        ]
+    )
     assert_close(out, want.to(dtype))
 
 
@@ -106,8 +116,11 @@ def test_decode_ref(seq_lens, q_lens, hq, hkv, window, dtype):
 def test_prefill_ref(seq_lens, q_lens, hq, hkv, window, dtype):
     q, k_cache, v_cache, table, qsl, lens = prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype)
     out = attention_prefill.paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, 0.25, window)
-    want = [naive_attention(q[int(qsl[s]) + i], k_cache, v_cache, table[s], n - ql + i, 0.25, window)
-            for s, (n, ql) in enumerate(zip(seq_lens, q_lens)) for i in range(ql)]
+    want = [
+        naive_attention(q[int(qsl[s]) + i], k_cache, v_cache, table[s], n - ql + i, 0.25, window)
+        for s, (n, ql) in enumerate(zip(seq_lens, q_lens))
+        for i in range(ql)
+    ]
     assert_close(out, torch.stack(want).to(dtype))
 
 
@@ -141,9 +154,19 @@ def test_decode_gpu(dtype, window, poisoned):
     seq_lens = torch.randint(1, 5000, (24,)).tolist()
     k_cache, v_cache, table = make_cache(seq_lens, 8, 128, 16, dtype, DEVICE)
     q = torch.randn(len(seq_lens), 32, 128, dtype=dtype, device=DEVICE)
-    args = (q, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 128**-0.5, window)
-    assert_close(attention_decode.paged_decode_attention_triton(*args),
-                 attention_decode.paged_decode_attention_ref(*args))
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        128**-0.5,
+        window,
+    )
+    assert_close(
+        attention_decode.paged_decode_attention_triton(*args),
+        attention_decode.paged_decode_attention_ref(*args),
+    )
 
 
 @pytest.mark.gpu
@@ -153,5 +176,7 @@ def test_decode_gpu(dtype, window, poisoned):
 def test_prefill_gpu(dtype, window, poisoned):
     seq_lens, q_lens = [2048, 1500, 3000, 1], [2048, 300, 1, 1]
     args = (*prefill_batch(seq_lens, q_lens, 32, 8, 128, 16, dtype, DEVICE), 128**-0.5, window)
-    assert_close(attention_prefill.paged_prefill_attention_triton(*args),
-                 attention_prefill.paged_prefill_attention_ref(*args))
+    assert_close(
+        attention_prefill.paged_prefill_attention_triton(*args),
+        attention_prefill.paged_prefill_attention_ref(*args),
+    )

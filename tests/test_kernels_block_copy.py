@@ -1,4 +1,5 @@
 """Block gather/scatter: references against per-block loops, Triton against the references."""
+
 import os
 
 import torch
@@ -9,8 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest
 import triton.language as tl
-from pdserve.kernels import block_copy
 from triton.runtime.jit import JITFunction
+
+from pdserve.kernels import block_copy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
@@ -31,7 +33,9 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device)
+    )
 
 
 RANGES = [(None, None), ((1, 3), None), (None, (1, 2)), ((0, 2), (2, 4))]

@@ -1,4 +1,5 @@
 """KV store: reference against a per-token loop, Triton against the reference."""
+
 import os
 
 import torch
@@ -9,8 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest
 import triton.language as tl
-from pdserve.kernels import kv_store
 from triton.runtime.jit import JITFunction
+
+from pdserve.kernels import kv_store
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
@@ -26,7 +28,7 @@ def store_case(num_tokens, num_blocks, hkv, bs, d, dtype, device):
     kv_cache = torch.full((2, 2, num_blocks, hkv, bs, d), float("nan"), dtype=dtype, device=device)
     slots = torch.randperm(num_blocks * bs, device=device)[:num_tokens]
     qkv = torch.randn(num_tokens, 3 * hkv * d, dtype=dtype, device=device)
-    key, value = qkv[:, hkv * d: 2 * hkv * d].view(-1, hkv, d), qkv[:, 2 * hkv * d:].view(-1, hkv, d)
+    key, value = qkv[:, hkv * d : 2 * hkv * d].view(-1, hkv, d), qkv[:, 2 * hkv * d :].view(-1, hkv, d)
     return kv_cache, slots, key, value
 
 
@@ -45,7 +47,9 @@ def check(num_tokens, num_blocks, hkv, bs, d, dtype, device):
     want = kv_cache.clone()
     kv_store.store_kv_ref(key, value, want[1][0], want[1][1], slots)
     kv_store.store_kv_triton(key, value, kv_cache[1][0], kv_cache[1][1], slots)
-    assert torch.equal(kv_cache.nan_to_num(7.0), want.nan_to_num(7.0))  # written slots exact, others untouched
+    assert torch.equal(
+        kv_cache.nan_to_num(7.0), want.nan_to_num(7.0)
+    )  # written slots exact, others untouched
 
 
 @runs_triton

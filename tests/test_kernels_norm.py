@@ -1,4 +1,5 @@
 """RMSNorm and fused add + RMSNorm: references against Hugging Face Llama, Triton against the references."""
+
 import os
 
 import torch
@@ -9,9 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest
 import triton.language as tl
-from pdserve.kernels import norm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from triton.runtime.jit import JITFunction
+
+from pdserve.kernels import norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
@@ -32,7 +34,9 @@ def poisoned(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -78,3 +82,11 @@ def test_triton(shape, dtype, poisoned):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu(shape, dtype, poisoned):
     check(shape, dtype, DEVICE)
+
+
+def test_ops_uses_the_reference_on_cpu():
+    from pdserve.kernels import ops
+
+    x, w = torch.randn(3, 16), torch.randn(16)
+    assert ops.rms_norm.__doc__ == norm.rms_norm_ref.__doc__
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), norm.rms_norm_ref(x, w, 1e-6))
