@@ -6,6 +6,11 @@ import os
 import pytest
 import torch
 
+# Triton reads this once, at its first import (transformers imports it too): on a machine
+# without CUDA the kernel tests run Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep torch from oversubscribing the small CI machine when Ray workers share it.
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 
