@@ -104,13 +104,14 @@ def hf_baseline(model_dir: str, context: int, batches) -> dict:
     return out
 
 
-def report(name: str, res: dict, amounts: dict, ceil: dict, context: int) -> list[dict]:
+def report(name: str, res: dict, amounts: dict, ceil: dict, context: int, num_gpus: int = 1) -> list[dict]:
+    """Decode: bytes each rank reads / step time / copy bandwidth. Prefill: FLOP/s per GPU / GEMM rate."""
     rows = []
     for b, t in res["decode_s"].items():
         moved = amounts["weight_bytes"] + b * context * amounts["kv_bytes_per_token"]
         rows.append({"engine": name, "case": f"decode B={b} ctx={context}", "ms": t * 1e3,
                      "of_ceiling": moved / t / ceil["copy_bytes_per_s"]})
-    rate = amounts["prefill_flops"] / res["prefill_s"]
+    rate = amounts["prefill_flops"] / res["prefill_s"] / num_gpus
     rows.append({"engine": name, "case": "prefill 8x2048", "ms": res["prefill_s"] * 1e3,
                  "of_ceiling": rate / ceil["gemm_bf16_flop_per_s"]})
     return rows
@@ -166,7 +167,7 @@ def main() -> int:
     if args.tp > 1:
         res_tp, _ = run_gang(config, args.tp, args.context, batches)
         amounts_tp = model_amounts(spec, args.tp, args.context)
-        rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context)
+        rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
         for b in batches:
             rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
                          "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})

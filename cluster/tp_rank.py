@@ -1,9 +1,9 @@
 """One rank of a tensor-parallel gang, as a Ray actor.
 
-Rank 0 owns the scheduler and the sampler (an `LLMEngine`); before each forward it sends
-the step's `StepBatch` to the other ranks as two small broadcasts over a gloo control
-group (a size header, then the packed int64 tensor) — no pickling per step. Ranks > 0
-sit in `serve_steps`, run the same forward in lockstep, and leave on a STOP header.
+Rank 0 owns the scheduler and the sampler (an `LLMEngine`); before each forward it hands
+the step's `StepBatch`, packed as one int64 tensor, to the other ranks through a shared-
+memory `StepChannel` (the gang is on one node) — no pickling, no socket round trip per
+step. Ranks > 0 sit in `serve_steps`, run the same forward in lockstep, and leave on STOP.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from pdserve.cluster.step_channel import StepChannel
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_config import load_model_spec
@@ -23,26 +24,21 @@ from pdserve.engine.parallel import TPGroup
 from pdserve.engine.step import StepBatch
 
 STOP, STEP = 0, 1
-# The control group waits for the next step while the gang is idle: that wait ends with the
-# step, with STOP, or with an error when rank 0's connection closes (it died or was killed).
-IDLE_WAIT = datetime.timedelta(days=7)
 
 
 class _GangEngine(LLMEngine):
     """Rank 0's engine: ships each step to the other ranks before running it."""
 
-    def __init__(self, config: DeploymentConfig, runner: ModelRunner, ctrl: dist.ProcessGroup):
+    def __init__(self, config: DeploymentConfig, runner: ModelRunner, channel: StepChannel):
         super().__init__(config, runner)
-        self.ctrl = ctrl
+        self.channel = channel
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        flat = batch.pack()
-        dist.broadcast(torch.tensor([STEP, flat.numel()]), 0, group=self.ctrl)
-        dist.broadcast(flat, 0, group=self.ctrl)
+        self.channel.publish(STEP, batch.pack(), self.config.rank_timeout_s)
         return super().execute(batch)
 
     def stop_peers(self) -> None:
-        dist.broadcast(torch.tensor([STOP, 0]), 0, group=self.ctrl)
+        self.channel.publish(STOP, None, self.config.rank_timeout_s)
 
 
 class TPRank:
@@ -53,7 +49,7 @@ class TPRank:
         self.rank, self.size = rank, size
         self.timeout = datetime.timedelta(seconds=self.config.rank_timeout_s)
         self.store: dist.TCPStore | None = None
-        self.engine: _GangEngine | None = None
+        self.engine: LLMEngine | None = None
         self.runner: ModelRunner | None = None
 
     def host_store(self) -> tuple[str, int]:
@@ -68,7 +64,21 @@ class TPRank:
         backend = "nccl" if self._use_cuda() else "gloo"
         dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.size,
                                 timeout=self.timeout)
-        self.ctrl = dist.new_group(backend="gloo", timeout=IDLE_WAIT)
+        self.channel = None
+        if self.size > 1:
+            if self.rank == 0:
+                self.channel = StepChannel.create(self._channel_capacity(), self.size - 1)
+                self.store.set("step_channel", self.channel.name)
+            else:
+                name = self.store.get("step_channel").decode()
+                self.channel = StepChannel(name, self._channel_capacity(), self.size - 1, create=False)
+
+    def _channel_capacity(self) -> int:
+        """Words of the largest packed step: tokens, block tables, per-sequence fields."""
+        c = self.config
+        max_len = c.max_model_len or load_model_spec(resolve_model(c.model)).max_position_embeddings
+        width = -(-max_len // c.block_size)
+        return 8 + 3 * c.max_num_batched_tokens + c.max_num_seqs * (width + 3)
 
     def _use_cuda(self) -> bool:
         return self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
@@ -78,7 +88,10 @@ class TPRank:
         spec = load_model_spec(resolve_model(self.config.model))
         self.runner = ModelRunner(self.config, spec, tp, pick_device(self.config, tp))
         if self.rank == 0:
-            self.engine = _GangEngine(self.config, self.runner, self.ctrl)
+            if self.size == 1:
+                self.engine = LLMEngine(self.config, self.runner)
+            else:
+                self.engine = _GangEngine(self.config, self.runner, self.channel)
         return {"num_blocks": self.runner.num_blocks, "max_model_len": self.runner.max_model_len,
                 "pid": os.getpid()}
 
@@ -86,13 +99,9 @@ class TPRank:
         """Ranks > 0: run every step rank 0 sends until STOP; return the number of steps."""
         steps = 0
         while True:
-            header = torch.empty(2, dtype=torch.int64)
-            dist.broadcast(header, 0, group=self.ctrl)
-            command, size = header.tolist()
+            command, flat = self.channel.receive(self.rank - 1)
             if command == STOP:
                 return steps
-            flat = torch.empty(size, dtype=torch.int64)
-            dist.broadcast(flat, 0, group=self.ctrl)
             self.runner.forward(StepBatch.unpack(flat))
             steps += 1
 
@@ -121,4 +130,6 @@ class TPRank:
     def shutdown(self) -> None:
         if self.engine is not None and self.size > 1:
             self.engine.stop_peers()
+        if self.channel is not None:
+            self.channel.close()
         dist.destroy_process_group()

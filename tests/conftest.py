@@ -68,7 +68,7 @@ def make_engine(model: str, **overrides):
     from pdserve.config import load_config
     from pdserve.engine.llm_engine import LLMEngine
 
-    return LLMEngine(load_config(None, model=model, device="cpu", **{"dtype": "float32", **overrides}))
+    return LLMEngine(load_config(None, model=model, **{"device": "cpu", "dtype": "float32", **overrides}))
 
 
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
