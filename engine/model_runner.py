@@ -30,6 +30,7 @@ class ModelRunner:
     def __init__(self, config: DeploymentConfig, spec: ModelSpec, tp: TPGroup, device: torch.device):
         self.config, self.spec, self.tp, self.device = config, spec, tp, device
         self.dtype = spec.resolve_dtype(config.dtype)
+        self.graphs: CudaGraphRunner | None = None  # captured last, once the cache exists
         self.block_size = config.block_size
         max_positions = config.max_model_len or spec.max_position_embeddings
         self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
@@ -46,7 +47,6 @@ class ModelRunner:
             layer.kv_cache = self.kv_cache[i]
         self.max_model_len = self._max_model_len(max_positions)
         self.sampler = Sampler()
-        self.graphs = None
         if device.type == "cuda" and config.enable_cuda_graphs:
             self.graphs = CudaGraphRunner(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
                                           self.num_blocks, self.block_size, device)
