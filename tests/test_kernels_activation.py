@@ -1,42 +1,11 @@
 """SiLU-and-mul: reference against the HF MLP activation, Triton against the reference."""
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # On CPU, Triton runs only in its interpreter, which triton picks when it is first imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
-import triton.language as tl
+import torch
 from transformers.activations import ACT2FN
-from triton.runtime.jit import JITFunction
 
+from kernel_support import DEVICE, on_gpu, runs_triton
 from pdserve.kernels import activation
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
-runs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and isinstance(tl.max, JITFunction),
-    reason="triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py",
-)
-on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make every float torch.empty NaN-filled, so an output element the kernel never writes fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(
-        torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device)
-    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,26 +1,10 @@
 """KV store: reference against a per-token loop, Triton against the reference."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # On CPU, Triton runs only in its interpreter, which triton picks when it is first imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-import triton.language as tl
-from triton.runtime.jit import JITFunction
-
+from kernel_support import DEVICE, on_gpu, runs_triton
 from pdserve.kernels import kv_store
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# If something imported triton before this file (in a whole-suite run), the interpreter is off: skip, say why.
-runs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and isinstance(tl.max, JITFunction),
-    reason="triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py",
-)
-on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 
 
 def store_case(num_tokens, num_blocks, hkv, bs, d, dtype, device):
