@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.cluster.tp_rank import TPRank
 from pdserve.config import DeploymentConfig
+from pdserve.engine.llm_engine import run_to_completion
 from pdserve.engine.model_config import load_model_spec
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.sampling_params import SamplingParams
@@ -131,13 +132,7 @@ class TPGang:
         return self._call(self.ranks[0].free_blocks)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        outputs: dict[str, list[int]] = {i: [] for i in ids}
-        while self.has_unfinished():
-            for o in self.step():
-                outputs[o.request_id] += o.new_token_ids
-        return [outputs[i] for i in ids]
+        return run_to_completion(self, prompts, params)
 
     # --- lifecycle ------------------------------------------------------------------------
     def shutdown(self) -> None:

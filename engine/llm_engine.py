@@ -107,13 +107,17 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion; return each one's generated token ids."""
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        outputs: dict[str, list[int]] = {i: [] for i in ids}
-        while self.has_unfinished():
-            for o in self.step():
-                outputs[o.request_id] += o.new_token_ids
-        return [outputs[i] for i in ids]
+        return run_to_completion(self, prompts, params)
+
+def run_to_completion(engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
+    """Drive anything with `add_request` / `step` / `has_unfinished` (an engine, a TP gang) to the end."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outputs[o.request_id] += o.new_token_ids
+    return [outputs[i] for i in ids]
 
 
 def _row_logprobs(out, row: int, k: int | None) -> list[dict]:

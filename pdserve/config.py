@@ -17,6 +17,12 @@ from pdserve.errors import ConfigError
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
 
+def _power_of_two(v: int) -> int:
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two, got {v}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,12 +33,7 @@ class PoolConfig(_Strict):
     count: int = Field(1, ge=1)
     tp_size: int = Field(1, ge=1)
 
-    @field_validator("tp_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two, got {v}")
-        return v
+    _tp_size_power_of_two = field_validator("tp_size")(_power_of_two)
 
 
 class RouterConfig(_Strict):
@@ -80,12 +81,7 @@ class DeploymentConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
 
-    @field_validator("block_size")
-    @classmethod
-    def _block_power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two, got {v}")
-        return v
+    _block_size_power_of_two = field_validator("block_size")(_power_of_two)
 
     @model_validator(mode="after")
     def _budget_holds_a_sequence(self) -> DeploymentConfig:
