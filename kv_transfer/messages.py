@@ -60,11 +60,13 @@ class TransferHeader:
     layers_per_message: int
     blocks_per_message: int
 
+    def to_list(self) -> list[int]:
+        """[HEADER_LEN]: kind (1 transfer, 0 close), id, n, head start, head end, layers/msg, blocks/msg."""
+        return [1, self.transfer_id, self.num_blocks, *self.heads, self.layers_per_message,
+                self.blocks_per_message]
+
     def to_tensor(self, device: torch.device) -> torch.Tensor:
-        # [HEADER_LEN] int64: kind (1 transfer, 0 close), id, n, head start, head end, layers/msg, blocks/msg
-        values = [1, self.transfer_id, self.num_blocks, *self.heads, self.layers_per_message,
-                  self.blocks_per_message]
-        return torch.tensor(values, dtype=torch.int64, device=device)
+        return torch.tensor(self.to_list(), dtype=torch.int64, device=device)
 
     @classmethod
     def from_list(cls, values: list[int]) -> TransferHeader | None:

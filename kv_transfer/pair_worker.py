@@ -65,6 +65,8 @@ class PairWorker:
 
     def _run(self) -> None:
         device = self.sender.kv_cache.device
+        if device.type == "cuda":  # a new thread starts on GPU 0 whatever the main thread chose
+            torch.cuda.set_device(device)
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             while (item := self._next()) is not None:

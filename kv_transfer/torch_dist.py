@@ -4,6 +4,10 @@ The receiving rank hosts a TCPStore on a port chosen at run time. A sender that 
 connection number from the store, posts its layout, and reads the receiver's; both check them, then both
 build a two-rank group (sender rank 0, receiver rank 1) under a store prefix of that number. No global
 group exists, so a dead worker breaks only its own pairs. Backend: nccl for CUDA caches, gloo for CPU.
+
+NCCL: the pair's communicator is built inside make_group (see connect_nccl), and transfer headers travel
+through the store rather than as NCCL messages, so an idle pair never leaves an NCCL kernel waiting on
+the GPU (see announce_header).
 """
 from __future__ import annotations
 
@@ -45,17 +49,90 @@ def group_timeout_s(config: TransferConfig) -> float:
 
 
 def make_group(store: dist.Store, conn_id: int, rank: int, device: torch.device, bind_host: str,
-               timeout_s: float) -> dist.ProcessGroup:
-    """The pair's own two-rank group; blocks (bounded) until the other end builds it too."""
+               timeout_s: float, deadline: float) -> dist.ProcessGroup:
+    """The pair's own two-rank group, connected: blocks until the other end builds it too, at most until
+    `deadline` on NCCL (gloo connects within its own timeout, `timeout_s`)."""
     prefixed = dist.PrefixStore(f"pg/{conn_id}", store)
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = _td(timeout_s)
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+        group = dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+        try:
+            connect_nccl(group, rank, device, deadline, conn_id)
+        except Exception:
+            with contextlib.suppress(Exception):
+                group.abort()
+            raise
+        return group
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = _td(timeout_s)
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
     return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+
+
+def connect_nccl(group: dist.ProcessGroup, rank: int, device: torch.device, deadline: float,
+                 conn_id: int) -> None:
+    """Build the pair's NCCL communicator now, with one 8-byte message from sender to receiver.
+
+    NOTE: ProcessGroupNCCL creates its communicator lazily, inside the first send/recv, and that call
+    blocks the host until the peer makes its own first call (a rendezvous; this is what the "unbatched
+    P2P op ... lazy initialization" warning announces). Left to the first real operation, a receiver that
+    posts a receive and only then tells the sender to go waits forever. Here both ends arrive on their own.
+    It runs on a helper thread so that the deadline holds even when the peer never comes (the thread is
+    then abandoned; the group is aborted by the caller).
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            torch.cuda.set_device(device)
+            probe = torch.empty(1, dtype=torch.int64, device=device)  # contents unused: no kernel to load
+            work = group.send([probe], RECEIVER, 0) if rank == SENDER else group.recv([probe], SENDER, 0)
+            work.wait()
+            torch.cuda.current_stream(device).synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name=f"kv-nccl-connect-{conn_id}", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0.0))
+    if thread.is_alive():
+        raise TransferError(f"NCCL communicator of pair {conn_id} was not set up before the connect deadline "
+                            f"(the other end did not join in time)")
+    if errors:
+        raise TransferError(f"NCCL communicator of pair {conn_id} could not be set up: {errors[0]}")
+
+
+def header_key(conn_id: int, seq: int) -> str:
+    return f"conn/{conn_id}/header/{seq}"
+
+
+def announce_header(store: dist.Store, conn_id: int, seq: int, values: list[int]) -> None:
+    """NCCL pairs: the sender posts header `seq` (or the close marker) in the receiver's store.
+
+    NOTE: not an NCCL message on purpose. An NCCL receive posted for a header that may come minutes later
+    is a kernel spinning on the receiving GPU all that time: a device-wide synchronize waits for it, and so
+    can the first launch of any kernel not loaded yet (CUDA lazy module loading drains the GPU first), so
+    the decode rank, or whatever the peer waits on, stalls until the next transfer. With headers in the
+    store, NCCL receives are posted only once their sends are on their way.
+    """
+    store.set(header_key(conn_id, seq), json.dumps(values))
+
+
+def await_header(store: dist.Store, conn_id: int, seq: int, deadline: float) -> list[int]:
+    """Receiver side of announce_header: header `seq` of the pair; TransferError once the deadline passes.
+
+    A store wait cannot be interrupted: whoever drops the pair wakes it by announcing the close marker under
+    the awaited number. Use a store client of the waiting thread's own (a client serves one call at a time).
+    """
+    key = header_key(conn_id, seq)
+    try:
+        store.wait([key], _td(deadline - time.monotonic()))
+    except dist.DistStoreError as e:  # timed out
+        raise TransferError("no header from the sender") from e
+    values = json.loads(store.get(key))
+    store.delete_key(key)
+    return values
 
 
 def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
@@ -72,18 +149,18 @@ def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
 
 def wait_event(event: torch.cuda.Event, deadline: float, what: str) -> None:
     """Poll a CUDA event until it completes or the deadline passes (a plain synchronize has no deadline)."""
-    spin_until = time.monotonic() + 0.02  # transfers end within microseconds of the check: spin briefly first
+    start = time.monotonic()  # transfers end within microseconds of the check: spin briefly first
     while not event.query():
         now = time.monotonic()
         if now > deadline:
             raise TransferError(f"{what} did not complete within its deadline")
-        time.sleep(0 if now < spin_until else 0.0002)
+        time.sleep(0 if now < start + 0.02 else 0.0002 if now < start + 1.0 else 0.002)
 
 
 def recv_header(pg: dist.ProcessGroup, device: torch.device, deadline: float) -> list[int]:
+    """gloo pairs: the header as a message of its own (NCCL pairs use announce_header / await_header)."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
     work = pg.recv([header], SENDER, 0)
-    # The host needs the header to know what comes next, so it waits here on CUDA too.
     if not work.wait(_td(deadline - time.monotonic())):
         raise TransferError("no header from the sender")
     return header.tolist()
@@ -168,28 +245,36 @@ class TorchDistLink:
         self._handshake = Handshake(host, port, config)
         self._bind_host = local_ip_towards(host)
         self._group: dist.ProcessGroup | None = None
-        self._last_send: torch.cuda.Event | None = None
+        self._cuda = device.type == "cuda"
+        self._seq = 0  # NCCL: number of the next header announced through the store
 
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
         remote = self._handshake.exchange(local, transfer_id, deadline)
+        connect_deadline = min(deadline, time.monotonic() + self.config.connect_timeout_s)
         self._group = make_group(self._handshake.store, self._handshake.conn_id, SENDER, self.device,
-                                 self._bind_host, group_timeout_s(self.config))
+                                 self._bind_host, group_timeout_s(self.config), connect_deadline)
         return remote
 
     def is_open(self) -> bool:
         return self._group is not None and self._handshake.is_open()
 
     def begin(self, header: TransferHeader, deadline: float) -> None:
-        wait_work(self._group.send([header.to_tensor(self.device)], RECEIVER, 0), deadline,
-                  self.device.type == "cuda")
+        if self._cuda:
+            self._announce(header.to_list())
+        else:
+            wait_work(self._group.send([header.to_tensor(self.device)], RECEIVER, 0), deadline, False)
+
+    def _announce(self, values: list[int]) -> None:
+        announce_header(self._handshake.store, self._handshake.conn_id, self._seq, values)
+        self._seq += 1
 
     def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor, deadline: float) -> None:
         # payload: [nbytes] uint8, a view of a staging buffer
-        wait_work(self._group.send([payload], RECEIVER, 0), deadline, self.device.type == "cuda")
+        wait_work(self._group.send([payload], RECEIVER, 0), deadline, self._cuda)
 
     def flush(self, deadline: float) -> None:
         """Every send so far has completed (CUDA: poll an event after them, bounded by the deadline)."""
-        if self.device.type == "cuda":
+        if self._cuda:
             event = torch.cuda.Event()
             event.record()
             wait_event(event, deadline, "NCCL send")
@@ -199,10 +284,12 @@ class TorchDistLink:
         if group is None:
             return
         with contextlib.suppress(Exception):
-            if graceful:
+            if graceful and self._cuda:
+                self._announce(CLOSE_MARKER)
+            elif graceful:
                 close = torch.tensor(CLOSE_MARKER, dtype=torch.int64, device=self.device)
                 wait_work(group.send([close], RECEIVER, 0), time.monotonic() + 1.0, False)
             self._handshake.mark_closed()
-        if not graceful and self.device.type == "cuda":
+        if self._cuda:  # every send has completed (flush) or is abandoned: nothing left to wait for
             with contextlib.suppress(Exception):
                 group.abort()

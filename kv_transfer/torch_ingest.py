@@ -11,11 +11,14 @@ import torch.distributed as dist
 
 from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout, check_match
-from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.messages import CLOSE_MARKER, Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.torch_dist import (
     RECEIVER,
     SENDER,
     StoreListener,
+    _td,
+    announce_header,
+    await_header,
     closed_key,
     group_timeout_s,
     make_group,
@@ -30,6 +33,8 @@ class _Pair:
     conn_id: int
     dropped: threading.Event = field(default_factory=threading.Event)
     group: dist.ProcessGroup | None = None
+    seq: int = 0  # NCCL: number of the header the pair's thread waits for (under lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TorchDistIngest:
@@ -58,16 +63,28 @@ class TorchDistIngest:
 
     def _serve(self, pair: _Pair) -> None:
         config, stats = self.receiver.config, self.receiver.stats
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        if cuda:  # a new thread starts on GPU 0 whatever the main thread chose
+            torch.cuda.set_device(self.device)
+        side = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             try:
-                pair.group = make_group(self._listener.store, pair.conn_id, RECEIVER, self.device, self.host,
-                                        group_timeout_s(config))
+                # This thread's own client of the store: its blocking calls (NCCL's rendezvous, header
+                # waits) never hold up the listener or other pairs, which share the hosting client.
+                store = dist.TCPStore(self.host, self._listener.port, is_master=False, wait_for_workers=False,
+                                      timeout=_td(config.connect_timeout_s))
+                pair.group = make_group(store, pair.conn_id, RECEIVER, self.device, self.host,
+                                        group_timeout_s(config), time.monotonic() + config.connect_timeout_s)
                 stats.add(groups_created=1)
                 while not pair.dropped.is_set():
                     # A live sender closes an idle pair itself, so a silence twice as long means it is gone.
                     idle_deadline = time.monotonic() + 2 * config.idle_timeout_s
-                    values = recv_header(pair.group, self.device, idle_deadline)
+                    if cuda:  # headers come through the store (torch_dist.announce_header)
+                        values = await_header(store, pair.conn_id, pair.seq, idle_deadline)
+                        with pair.lock:
+                            pair.seq += 1
+                    else:
+                        values = recv_header(pair.group, self.device, idle_deadline)
                     header = TransferHeader.from_list(values)
                     if header is None:
                         break
@@ -109,6 +126,9 @@ class TorchDistIngest:
         pair.dropped.set()
         with contextlib.suppress(Exception):
             self._listener.store.set(closed_key(conn_id), "1")
+        if self.device.type == "cuda":  # wake the pair's thread if it waits for a header
+            with contextlib.suppress(Exception), pair.lock:
+                announce_header(self._listener.store, conn_id, pair.seq, CLOSE_MARKER)
         if pair.group is not None and self.device.type == "cuda":
             # NCCL receives of a dead sender never finish; aborting frees the stream (gloo ones time out).
             with contextlib.suppress(Exception):
