@@ -1,4 +1,4 @@
-"""The engine on a GPU: the Triton kernels under the real model path."""
+"""The engine on a GPU: the Triton kernels and CUDA graphs under the real model path."""
 from __future__ import annotations
 
 import pytest
@@ -10,33 +10,43 @@ from pdserve.engine.step import StepBatch
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 9, 33, 7, 100, 3, 17, 250, 14, 99, 8], [11, 12, 13], list(range(3, 70))]
+# Several engines live in one test process: give each a fixed cache instead of 90% of the GPU.
+GPU = {"device": "cuda", "num_kv_blocks": 256}
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa-untied", "qwen3-qk-norm", "mistral-sliding-window"])
 def test_fp32_on_gpu_equals_transformers_greedy(tiny_checkpoints, variant):
     path = tiny_checkpoints[variant]
     params = SamplingParams(temperature=0.0, max_tokens=16)
-    engine = make_engine(path, device="cuda")
+    engine = make_engine(path, **GPU)
+    assert engine.runner.graphs is not None  # decode steps replay CUDA graphs
     assert engine.generate(PROMPTS, params) == hf_greedy(path, PROMPTS, params.max_tokens)
     assert_pool_full(engine)
 
 
-def test_bf16_teacher_forced_logits_close_to_fp32(tiny_checkpoints):
-    """bf16 logits of every position stay within 5% (relative to the largest |logit|) of fp32."""
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoints["llama-gqa-untied"]
-    ids = PROMPTS[2]
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    with torch.no_grad():
-        want = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-    engine = make_engine(path, device="cuda", dtype="bfloat16")
+def teacher_forced_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Logits of every position of `ids` in one prefill step: [len(ids), vocab]."""
     rid = engine.add_request(ids, SamplingParams(max_tokens=1))
     req = engine.requests[rid]
     engine.kv.allocate(req, len(ids))
-    plan = type("Plan", (), {"scheduled": [(req, len(ids))]})()
-    batch = StepBatch.build(plan, engine.config.block_size)
+    batch = StepBatch.build(type("Plan", (), {"scheduled": [(req, len(ids))]})(), engine.config.block_size)
     batch.logits_indices = torch.arange(len(ids))
-    got = engine.execute(batch)
-    err = (got - want).abs().max() / want.abs().max()
-    assert err < 0.05, f"relative error {err:.4f}"
+    return engine.execute(batch)
+
+
+def test_bf16_teacher_forced_logits_close_to_fp32(tiny_checkpoints):
+    """bf16 logits stay within 10% (relative to the largest |logit|) of the fp32 reference, and no
+    further from it than 1.5x what transformers itself gets in bf16 on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    path, ids = tiny_checkpoints["llama-gqa-untied"], PROMPTS[2]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    x = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        want = ref(x).logits[0].float()
+        hf_bf16 = ref.to(torch.bfloat16)(x).logits[0].float()
+    scale = want.abs().max()
+    hf_err = ((hf_bf16 - want).abs().max() / scale).item()
+    got = teacher_forced_logits(make_engine(path, dtype="bfloat16", **GPU), ids)
+    err = ((got - want).abs().max() / scale).item()
+    assert err < 0.10 and err <= 1.5 * hf_err + 0.01, f"relative error {err:.4f} (transformers bf16: {hf_err:.4f})"
