@@ -78,22 +78,23 @@ class TPRank:
         c = self.config
         max_len = c.max_model_len or load_model_spec(resolve_model(c.model)).max_position_embeddings
         width = -(-max_len // c.block_size)
-        return 8 + 3 * c.max_num_batched_tokens + c.max_num_seqs * (width + 3)
+        return StepBatch.max_packed_size(c.max_num_batched_tokens, c.max_num_seqs, width)
 
     def _use_cuda(self) -> bool:
         return self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
 
     def load(self) -> dict:
-        tp = TPGroup(self.rank, self.size, dist.group.WORLD)
+        device = pick_device(self.config)
+        tp = TPGroup.create(self.rank, self.size, dist.group.WORLD, device)
         spec = load_model_spec(resolve_model(self.config.model))
-        self.runner = ModelRunner(self.config, spec, tp, pick_device(self.config, tp))
+        self.runner = ModelRunner(self.config, spec, tp, device)
         if self.rank == 0:
             if self.size == 1:
                 self.engine = LLMEngine(self.config, self.runner)
             else:
                 self.engine = _GangEngine(self.config, self.runner, self.channel)
         return {"num_blocks": self.runner.num_blocks, "max_model_len": self.runner.max_model_len,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "symmetric_all_reduce": tp.symmetric is not None}
 
     def serve_steps(self) -> int:
         """Ranks > 0: run every step rank 0 sends until STOP; return the number of steps."""

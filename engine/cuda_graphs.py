@@ -3,7 +3,8 @@
 A decode-only step of B sequences is padded to the smallest captured bucket >= B and
 replayed: one launch instead of hundreds, so the GPU never waits on Python. Padding rows
 write their K/V into a scratch block no request owns, and their outputs are dropped.
-Inputs are copied into static buffers; nothing in the replay syncs with the host.
+The step arrives on the device already (one pinned copy); it is copied into the graph's
+static buffers on the device, and nothing in the replay syncs with the host.
 """
 from __future__ import annotations
 
@@ -62,15 +63,15 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [B, vocab] of a decode-only step (every row is sampled)."""
+        """Logits [B, vocab] of a decode-only step (every row is sampled); `batch` is on the device."""
         B, width = len(batch.seq_lens), batch.block_tables.shape[1]
         bs = next(s for s in self.buckets if s >= B)
-        self.input_ids[:B].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:B].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:B].copy_(batch.slot_mapping, non_blocking=True)
+        self.input_ids[:B].copy_(batch.input_ids)
+        self.positions[:B].copy_(batch.positions)
+        self.slot_mapping[:B].copy_(batch.slot_mapping)
         self.slot_mapping[B:bs].fill_(self.scratch_slot)
-        self.seq_lens[:B].copy_(batch.seq_lens, non_blocking=True)
+        self.seq_lens[:B].copy_(batch.seq_lens)
         self.seq_lens[B:bs].fill_(1)
-        self.block_tables[:B, :width].copy_(batch.block_tables, non_blocking=True)
+        self.block_tables[:B, :width].copy_(batch.block_tables)
         self.graphs[bs].replay()
         return self.logits[bs][:B]

@@ -34,7 +34,7 @@ class LLMEngine:
     def __init__(self, config: DeploymentConfig, runner: ModelRunner | None = None):
         if runner is None:
             spec = load_model_spec(resolve_model(config.model))
-            runner = ModelRunner(config, spec, SINGLE, pick_device(config, SINGLE))
+            runner = ModelRunner(config, spec, SINGLE, pick_device(config))
         self.config, self.runner, self.spec = config, runner, runner.spec
         self.max_model_len = runner.max_model_len
         self.kv = KVCacheManager(runner.num_blocks, config.block_size)

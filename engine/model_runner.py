@@ -12,13 +12,13 @@ from pdserve.engine.model_config import ModelSpec
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SamplerOutput, SamplingBatch
-from pdserve.engine.step import StepBatch
+from pdserve.engine.step import PinnedStaging, StepBatch
 from pdserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(config: DeploymentConfig, tp: TPGroup) -> torch.device:
+def pick_device(config: DeploymentConfig) -> torch.device:
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -31,6 +31,7 @@ class ModelRunner:
         self.config, self.spec, self.tp, self.device = config, spec, tp, device
         self.dtype = spec.resolve_dtype(config.dtype)
         self.graphs: CudaGraphRunner | None = None  # captured last, once the cache exists
+        self.staging: PinnedStaging | None = None
         self.block_size = config.block_size
         max_positions = config.max_model_len or spec.max_position_embeddings
         self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
@@ -47,6 +48,10 @@ class ModelRunner:
             layer.kv_cache = self.kv_cache[i]
         self.max_model_len = self._max_model_len(max_positions)
         self.sampler = Sampler()
+        if device.type == "cuda":
+            max_blocks = -(-self.max_model_len // self.block_size)
+            size = StepBatch.max_packed_size(config.max_num_batched_tokens, config.max_num_seqs, max_blocks)
+            self.staging = PinnedStaging(size, device)
         if device.type == "cuda" and config.enable_cuda_graphs:
             self.graphs = CudaGraphRunner(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
                                           self.num_blocks, self.block_size, device)
@@ -117,8 +122,8 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows."""
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
-        batch = batch.to(self.device)
+            return self.graphs.run(batch.to(self.device, self.staging))
+        batch = batch.to(self.device, self.staging)
         hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
         return self.model.compute_logits(hidden[batch.logits_indices])
 

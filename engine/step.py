@@ -58,29 +58,54 @@ class StepBatch:
             self.slot_mapping, self.block_tables, self.query_start_loc, self.seq_lens, self.decode_only
         )
 
-    def to(self, device: torch.device) -> StepBatch:
-        moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return StepBatch(**moved, decode_only=self.decode_only)
+    def to(self, device: torch.device, staging: PinnedStaging | None = None) -> StepBatch:
+        """The same step on `device`: with `staging`, one pinned non-blocking copy of the packed step."""
+        if staging is None or device.type != "cuda":
+            moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+            return StepBatch(**moved, decode_only=self.decode_only)
+        flat = staging.upload(self.pack())
+        return StepBatch.unpack(flat, header=self.header())
+
+    def header(self) -> list[int]:
+        S, M = self.block_tables.shape
+        return [len(self.input_ids), S, M, len(self.logits_indices), int(self.decode_only)]
 
     def pack(self) -> torch.Tensor:
         """One flat int64 tensor: a header of sizes, then every field."""
-        S, M = self.block_tables.shape
-        header = torch.tensor(
-            [len(self.input_ids), S, M, len(self.logits_indices), int(self.decode_only)], dtype=torch.int64
-        )
-        parts = [header, self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
+        parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
                  self.query_start_loc, self.seq_lens, self.logits_indices]
         return torch.cat([p.to(torch.int64) for p in parts])
 
     @classmethod
-    def unpack(cls, flat: torch.Tensor) -> StepBatch:
-        T, S, M, N, decode_only = flat[:_HEADER].tolist()
+    def unpack(cls, flat: torch.Tensor, header: list[int] | None = None) -> StepBatch:
+        """Inverse of `pack`. With `header` known on the host, a device `flat` is read without a sync."""
+        T, S, M, N, decode_only = header if header is not None else flat[:_HEADER].tolist()
         sizes = [T, T, T, S * M, S + 1, S, N]
         ids, pos, slots, tables, q_start, seq_lens, rows = flat[_HEADER:].split(sizes)
         return cls(ids, pos, slots, tables.view(S, M).int(), q_start.int(), seq_lens.int(), rows,
                    bool(decode_only))
 
     @staticmethod
-    def packed_size(flat_header: torch.Tensor) -> int:
-        T, S, M, N, _ = flat_header[:_HEADER].tolist()
-        return _HEADER + 3 * T + S * M + (S + 1) + S + N
+    def max_packed_size(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
+        """Words of the largest packed step a scheduler with these limits can produce."""
+        return _HEADER + 3 * max_tokens + max_seqs * (max_blocks_per_seq + 3) + 1
+
+
+class PinnedStaging:
+    """A pinned host buffer and a device buffer for moving packed steps in one non-blocking copy."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.device_buf = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def upload(self, flat: torch.Tensor) -> torch.Tensor:
+        n = flat.numel()
+        assert n <= self.host.numel(), f"step of {n} words exceeds the staging buffer's {self.host.numel()}"
+        self.copied.synchronize()  # the previous step's copy must be done before the host buffer is reused
+        self.host[:n].copy_(flat)
+        out = self.device_buf[:n]
+        out.copy_(self.host[:n], non_blocking=True)
+        self.copied.record()
+        return out
