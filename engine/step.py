@@ -72,8 +72,8 @@ class StepBatch:
 
     def pack(self) -> torch.Tensor:
         """One flat int64 tensor: a header of sizes, then every field."""
-        parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions, self.slot_mapping, self.block_tables.flatten(),
-                 self.query_start_loc, self.seq_lens, self.logits_indices]
+        parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions, self.slot_mapping,
+                 self.block_tables.flatten(), self.query_start_loc, self.seq_lens, self.logits_indices]
         return torch.cat([p.to(torch.int64) for p in parts])
 
     @classmethod
