@@ -59,11 +59,13 @@ class TransferHeader:
     heads: HeadRange  # global kv heads carried, a sub-range of the receiving rank's heads
     layers_per_message: int
     blocks_per_message: int
+    taper_units: int = 0  # > 0: first and last messages shrink down to about this many (layer, block) pairs
 
     def to_list(self) -> list[int]:
-        """[HEADER_LEN]: kind (1 transfer, 0 close), id, n, head start, head end, layers/msg, blocks/msg."""
+        """[HEADER_LEN]: kind (1 transfer, 0 close), id, n, head start, head end, layers/msg, blocks/msg,
+        taper units."""
         return [1, self.transfer_id, self.num_blocks, *self.heads, self.layers_per_message,
-                self.blocks_per_message]
+                self.blocks_per_message, self.taper_units]
 
     def to_tensor(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.to_list(), dtype=torch.int64, device=device)
@@ -73,11 +75,11 @@ class TransferHeader:
         """None for the close marker."""
         if values[0] == 0:
             return None
-        _, tid, n, hs, he, lpm, bpm = values
-        return cls(tid, n, (hs, he), lpm, bpm)
+        _, tid, n, hs, he, lpm, bpm, taper = values
+        return cls(tid, n, (hs, he), lpm, bpm, taper)
 
 
-HEADER_LEN = 7
+HEADER_LEN = 8
 CLOSE_MARKER = [0] * HEADER_LEN
 
 
@@ -94,13 +96,50 @@ class MessagePart:
 
 
 def message_plan(num_layers: int, header: TransferHeader) -> list[MessagePart]:
-    """The ordered messages of a transfer: groups of layers, each split into block chunks if too large."""
+    """The ordered messages of a transfer: groups of layers, each split into block chunks if too large.
+
+    With `taper_units`, the first message is cut into pieces growing 4x at a time up to the full size and
+    the last into pieces shrinking 4x at a time: on CUDA the only copies not hidden behind a send are the
+    first gather and the last scatter, so those are kept small while the rest stay as large as staging.
+    """
     lpm, bpm, n = header.layers_per_message, header.blocks_per_message, header.num_blocks
     parts = []
     for ls in range(0, num_layers, lpm):
         le = min(ls + lpm, num_layers)
         parts.extend(MessagePart((ls, le), (bs, min(bs + bpm, n))) for bs in range(0, n, bpm))
-    return parts
+    if header.taper_units <= 0 or not parts:
+        return parts
+    first = _taper(parts[0], header.taper_units, small_first=True)
+    if len(parts) == 1:
+        return first[:-1] + _taper(first[-1], header.taper_units, small_first=False)
+    return first + parts[1:-1] + _taper(parts[-1], header.taper_units, small_first=False)
+
+
+def _taper(part: MessagePart, min_units: int, small_first: bool) -> list[MessagePart]:
+    """`part` cut into pieces 4x apart in size, the smallest about min_units (layer, block) pairs: smallest
+    first (small_first) or last. Pieces are whole layers, or blocks of one layer."""
+    big_pieces, rest = [], part
+    while rest.num_units(1) > min_units and (cut := _quarter(rest, small_first)) is not None:
+        small, big = cut
+        big_pieces.append(big)
+        rest = small
+    return [rest, *big_pieces[::-1]] if small_first else [*big_pieces, rest]
+
+
+def _quarter(part: MessagePart, small_first: bool) -> tuple[MessagePart, MessagePart] | None:
+    """(small, big): about a quarter of `part` at its start (small_first) or end, and the rest."""
+    (ls, le), (bs, be) = part.layers, part.blocks
+    if le - ls >= 2:
+        k = max(1, (le - ls) // 4)
+        cut = ls + k if small_first else le - k
+        lo, hi = MessagePart((ls, cut), (bs, be)), MessagePart((cut, le), (bs, be))
+    elif be - bs >= 2:
+        k = max(1, (be - bs) // 4)
+        cut = bs + k if small_first else be - k
+        lo, hi = MessagePart((ls, le), (bs, cut)), MessagePart((ls, le), (cut, be))
+    else:
+        return None
+    return (lo, hi) if small_first else (hi, lo)
 
 
 @dataclass(frozen=True)
@@ -160,5 +199,10 @@ class TransferConfig:
     connect_timeout_s: float = 20.0  # handshake and process-group creation of a new pair
     idle_timeout_s: float = 60.0  # a sender closes a pair unused this long; a receiver gives up at twice it
     staging_buffers: int = 4
-    staging_bytes: int = 64 << 20  # also the largest message
-    grpc_chunk_bytes: int = 1 << 20
+    # Also the largest message. Large messages amortize each NCCL operation's fixed cost; the taper below
+    # keeps the copies that cannot overlap a send (first gather, last scatter) small all the same.
+    staging_bytes: int = 256 << 20
+    # First and last messages taper down to about this size (0: every message as large as staging); see
+    # message_plan. Ignored by gRPC, whose messages are not pipelined.
+    taper_bytes: int = 16 << 20
+    grpc_chunk_bytes: int = 4 << 20

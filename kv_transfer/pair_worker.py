@@ -12,6 +12,7 @@ from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.plan import SendSlice, message_shape
+from pdserve.kv_transfer.staging import device_index
 
 
 def open_link(endpoint: Endpoint, device: torch.device, config):
@@ -80,30 +81,39 @@ class PairWorker:
             self._drop_link(graceful=True)
 
     def _send(self, out, part: SendSlice) -> int:
-        """Gather each message into staging and send it; returns the bytes sent."""
+        """Gather each message into staging and send it; returns the bytes sent.
+
+        NOTE (CUDA): this thread's stream carries the gathers only; each send's completion is awaited on the
+        link's own stream (TorchDistLink.send), so the gather of message k+1 runs while message k is sent,
+        and a staging buffer is reused once the send that read it has completed. No host sync until flush.
+        """
         sender, layout = self.sender, self.sender.layout
+        num_heads = part.heads[1] - part.heads[0]
+        lpm, bpm = message_shape(layout, len(out.block_ids), num_heads, sender.staging.buffer_bytes)
+        unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
+        taper = sender.config.taper_bytes // unit if self.endpoint.kind is TransportKind.TORCH else 0
+        header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
         link = self._ensure_link(out.transfer_id, out.deadline)
-        lpm, bpm = message_shape(layout, len(out.block_ids), part.heads[1] - part.heads[0],
-                                 sender.staging.buffer_bytes)
-        header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm)
+        link.begin(header, out.deadline)
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
-        link.begin(header, out.deadline)
         # Made here, on this worker's stream, so the prefill stream never waits for the copy.
-        index = torch.tensor(out.block_ids, dtype=torch.int64, device=sender.kv_cache.device)  # [n]
-        num_bytes = 0
+        index = device_index(out.block_ids, sender.kv_cache.device)  # [n]
+        num_bytes, waited = 0, 0
         for msg in message_plan(layout.num_layers, header):
-            out.wait_layers(msg.layers[1], out.deadline)
+            out.wait_layers(waited, msg.layers[1], out.deadline)
+            waited = max(waited, msg.layers[1])
             buf = sender.staging.acquire(out.deadline)
+            sent = None
             try:
                 shape = (msg.layers[1] - msg.layers[0], 2, msg.blocks[1] - msg.blocks[0],
                          local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
                                        msg.layers, local_heads)
-                link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
+                sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
             finally:
-                sender.staging.release(buf)
+                sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
         link.flush(out.deadline)
         return num_bytes

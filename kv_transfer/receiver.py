@@ -21,7 +21,7 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
-from pdserve.kv_transfer.staging import StagingPool
+from pdserve.kv_transfer.staging import StagingPool, device_index
 
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
@@ -177,8 +177,8 @@ class KVReceiver:
             if inc.state.finished:
                 return False
             inc.state = TransferState.TRANSFERRING
-            if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never syncs
-                inc.block_index = torch.tensor(inc.block_ids, dtype=torch.int64, device=self.kv_cache.device)
+            if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never waits
+                inc.block_index = device_index(inc.block_ids, self.kv_cache.device)
             ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
                                part.layers, heads)
             if buf.is_cuda:

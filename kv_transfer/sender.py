@@ -38,11 +38,13 @@ class Outgoing:
     state: TransferState = TransferState.WAITING
     num_bytes: int = 0
     layers_ready: int = 0
-    layer_events: list = field(default_factory=list)  # CUDA: event per saved layer, on the prefill stream
+    # CUDA: per saved layer, the event recorded when it was saved (layers saved together share one)
+    layer_events: list = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def wait_layers(self, upto: int, deadline: float) -> None:
-        """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on them."""
+    def wait_layers(self, start: int, upto: int, deadline: float) -> None:
+        """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on the events
+        of layers [start, upto) (the caller's stream already waits on those before `start`)."""
         with self.cond:
             while self.layers_ready < upto and not self.state.finished:
                 left = deadline - time.monotonic()
@@ -51,10 +53,12 @@ class Outgoing:
                 self.cond.wait(left)
             if self.state.finished:
                 raise TransferError(f"transfer {self.transfer_id} ended on another pair")
-            events = self.layer_events[:upto]
+            events = self.layer_events[start:upto]
+        last = None
         for event in events:
-            if event is not None:
+            if event is not None and event is not last:
                 torch.cuda.current_stream().wait_event(event)
+            last = event
 
 
 class KVSender:
@@ -97,24 +101,28 @@ class KVSender:
 
     def save_kv_layer(self, transfer_id: int, layer: int) -> None:
         """Layer `layer` of the transfer's blocks is written (by work enqueued on the current stream)."""
+        self._save(transfer_id, layer, layer + 1)
+
+    def save_kv(self, transfer_id: int) -> None:
+        """All remaining layers are written: send them as a whole (in as few messages as staging allows)."""
+        self._save(transfer_id, None, self.layout.num_layers)
+
+    def _save(self, transfer_id: int, first: int | None, upto: int) -> None:
+        """Layers [first, upto) are written; first None: whatever was not saved yet. One event for all."""
         out = self._get(transfer_id)
         event = None
         if self.kv_cache.is_cuda:
             event = torch.cuda.Event()
             event.record()
         with out.cond:
-            if layer != out.layers_ready:
-                raise TransferError(f"transfer {transfer_id}: layer {layer} saved, "
+            if first is not None and first != out.layers_ready:
+                raise TransferError(f"transfer {transfer_id}: layer {first} saved, "
                                     f"layer {out.layers_ready} expected")
-            out.layer_events.append(event)
-            out.layers_ready += 1
+            if upto <= out.layers_ready:
+                return
+            out.layer_events.extend([event] * (upto - out.layers_ready))
+            out.layers_ready = upto
             out.cond.notify_all()
-
-    def save_kv(self, transfer_id: int) -> None:
-        """All remaining layers are written: send them as a whole (in as few messages as staging allows)."""
-        out = self._get(transfer_id)
-        for layer in range(out.layers_ready, self.layout.num_layers):
-            self.save_kv_layer(transfer_id, layer)
 
     def state(self, transfer_id: int) -> TransferState | None:
         with self._lock:

@@ -51,11 +51,24 @@ class StagingPool:
             torch.cuda.current_stream(self.device).wait_event(buf.ready)
         return buf
 
-    def release(self, buf: StagingBuffer) -> None:
-        """Give back a buffer whose uses are all enqueued on the current stream (or done, on CPU)."""
+    def release(self, buf: StagingBuffer, ready: torch.cuda.Event | None = None) -> None:
+        """Give back a buffer whose uses are all enqueued: on the current stream, or (CUDA) before `ready`,
+        an event of another stream (a send's completion); on CPU they are done."""
         if self.device.type == "cuda":
-            buf.ready = torch.cuda.Event()
-            buf.ready.record(torch.cuda.current_stream(self.device))
+            if ready is None:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+            buf.ready = ready
         with self._cond:
             self._free.append(buf)
             self._cond.notify()
+
+
+def device_index(ids: list[int], device: torch.device) -> torch.Tensor:
+    """[n] int64 block ids on `device`, without the host waiting for the current stream (CUDA: staged through
+    pinned memory and copied asynchronously; a plain torch.tensor(..., device=cuda) synchronizes the stream,
+    which would hold back every receive or send posted after it)."""
+    index = torch.tensor(ids, dtype=torch.int64)
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)

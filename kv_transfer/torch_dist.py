@@ -7,13 +7,11 @@ group exists, so a dead worker breaks only its own pairs. Backend: nccl for CUDA
 
 NCCL: the pair's communicator is built inside make_group (see connect_nccl), and transfer headers travel
 through the store rather than as NCCL messages, so an idle pair never leaves an NCCL kernel waiting on
-the GPU (see announce_header).
+the GPU (see pair_store.announce_header; the handshake and closed-pair mark live there too).
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import socket
 import threading
 import time
@@ -22,14 +20,11 @@ import torch
 import torch.distributed as dist
 
 from pdserve.errors import TransferError
-from pdserve.kv_transfer.layout import KVLayout, check_match
+from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
+from pdserve.kv_transfer.pair_store import Handshake, _td, announce_header
 
 SENDER, RECEIVER = 0, 1
-
-
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=max(seconds, 0.001))
 
 
 def local_ip_towards(host: str) -> str:
@@ -56,6 +51,9 @@ def make_group(store: dist.Store, conn_id: int, rank: int, device: torch.device,
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = _td(timeout_s)
+        # NCCL's kernels go first when the GPU is busy (the next gather, scatter or prefill step): a send
+        # that waits for SMs stalls its peer too.
+        opts.is_high_priority_stream = True
         group = dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
         try:
             connect_nccl(group, rank, device, deadline, conn_id)
@@ -103,43 +101,11 @@ def connect_nccl(group: dist.ProcessGroup, rank: int, device: torch.device, dead
         raise TransferError(f"NCCL communicator of pair {conn_id} could not be set up: {errors[0]}")
 
 
-def header_key(conn_id: int, seq: int) -> str:
-    return f"conn/{conn_id}/header/{seq}"
-
-
-def announce_header(store: dist.Store, conn_id: int, seq: int, values: list[int]) -> None:
-    """NCCL pairs: the sender posts header `seq` (or the close marker) in the receiver's store.
-
-    NOTE: not an NCCL message on purpose. An NCCL receive posted for a header that may come minutes later
-    is a kernel spinning on the receiving GPU all that time: a device-wide synchronize waits for it, and so
-    can the first launch of any kernel not loaded yet (CUDA lazy module loading drains the GPU first), so
-    the decode rank, or whatever the peer waits on, stalls until the next transfer. With headers in the
-    store, NCCL receives are posted only once their sends are on their way.
-    """
-    store.set(header_key(conn_id, seq), json.dumps(values))
-
-
-def await_header(store: dist.Store, conn_id: int, seq: int, deadline: float) -> list[int]:
-    """Receiver side of announce_header: header `seq` of the pair; TransferError once the deadline passes.
-
-    A store wait cannot be interrupted: whoever drops the pair wakes it by announcing the close marker under
-    the awaited number. Use a store client of the waiting thread's own (a client serves one call at a time).
-    """
-    key = header_key(conn_id, seq)
-    try:
-        store.wait([key], _td(deadline - time.monotonic()))
-    except dist.DistStoreError as e:  # timed out
-        raise TransferError("no header from the sender") from e
-    values = json.loads(store.get(key))
-    store.delete_key(key)
-    return values
-
-
 def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
     """Complete one send/recv within the deadline.
 
-    NOTE: on CUDA this only orders the current (side) stream after the transfer, so the host can post the
-    next message at once; the caller bounds the whole transfer by polling an event. gloo blocks the host.
+    NOTE: on CUDA this only orders the current stream after the transfer, so the host can post the next
+    message at once; the caller bounds the whole transfer by polling an event. gloo blocks the host.
     """
     if cuda:
         work.wait()
@@ -166,77 +132,6 @@ def recv_header(pg: dist.ProcessGroup, device: torch.device, deadline: float) ->
     return header.tolist()
 
 
-def closed_key(conn_id: int) -> str:
-    return f"conn/{conn_id}/closed"
-
-
-class Handshake:
-    """Sender side of connecting a pair through the receiver's store."""
-
-    def __init__(self, host: str, port: int, config: TransferConfig):
-        self.store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                   timeout=_td(config.connect_timeout_s))
-        self.conn_id = self.store.add("conn/next", 1)
-
-    def exchange(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
-        """Post our layout, read the receiver's; TransferError naming the field if they differ."""
-        hello = {"layout": local.to_dict(), "transfer_id": transfer_id}
-        self.store.set(f"conn/{self.conn_id}/hello", json.dumps(hello))
-        key = f"conn/{self.conn_id}/reply"
-        try:
-            self.store.wait([key], _td(deadline - time.monotonic()))
-        except dist.DistStoreError as e:  # timed out
-            raise TransferError(f"receiver did not answer the KV handshake: {e}") from e
-        reply = json.loads(self.store.get(key))
-        remote = KVLayout.from_dict(reply["layout"])
-        check_match(local, remote, "sender", "receiver")
-        return remote
-
-    def is_open(self) -> bool:
-        """False once the receiver has torn the pair down."""
-        return not self.store.check([closed_key(self.conn_id)])
-
-    def mark_closed(self) -> None:
-        self.store.set(closed_key(self.conn_id), "1")
-
-
-class StoreListener:
-    """Receiver side: hosts the store and hands each sender's hello to `on_hello` on a listener thread."""
-
-    # NOTE: polls with check() rather than blocking in wait(): a blocked wait cannot be interrupted at close.
-    POLL_S = 0.005
-
-    def __init__(self, host: str, on_hello, config: TransferConfig):
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=_td(config.connect_timeout_s))
-        self.port = self.store.port
-        self._on_hello, self._config = on_hello, config
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="kv-store-listener", daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        conn_id, since = 1, time.monotonic()
-        while not self._stop.wait(self.POLL_S):
-            key = f"conn/{conn_id}/hello"
-            if not self.store.check([key]):
-                # Skip a number that a sender took but never used (it died in between).
-                stale = time.monotonic() - since > self._config.connect_timeout_s
-                if stale and self.store.add("conn/next", 0) > conn_id:
-                    conn_id, since = conn_id + 1, time.monotonic()
-                continue
-            hello = json.loads(self.store.get(key))
-            self._on_hello(conn_id, KVLayout.from_dict(hello["layout"]), hello["transfer_id"])
-            conn_id, since = conn_id + 1, time.monotonic()
-
-    def reply(self, conn_id: int, layout: KVLayout) -> None:
-        self.store.set(f"conn/{conn_id}/reply", json.dumps({"layout": layout.to_dict()}))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=1.0)
-
-
 class TorchDistLink:
     """Sending rank's end of one pair: a handshake, then the pair's own group; rebuilt after a teardown."""
 
@@ -247,6 +142,8 @@ class TorchDistLink:
         self._group: dist.ProcessGroup | None = None
         self._cuda = device.type == "cuda"
         self._seq = 0  # NCCL: number of the next header announced through the store
+        # CUDA: where send completions are awaited (see send)
+        self._sent = torch.cuda.Stream(device) if self._cuda else None
 
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
         remote = self._handshake.exchange(local, transfer_id, deadline)
@@ -268,15 +165,30 @@ class TorchDistLink:
         announce_header(self._handshake.store, self._handshake.conn_id, self._seq, values)
         self._seq += 1
 
-    def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor, deadline: float) -> None:
+    def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor,
+             deadline: float) -> torch.cuda.Event | None:
+        """Post one message; returns (CUDA) the event after which `payload` may be overwritten.
+
+        NOTE: the send's completion is awaited on a stream of its own, not on the caller's: the caller's
+        stream goes on with the next gather while this send runs (NCCL's stream waits only for the gathers
+        enqueued before the send).
+        """
         # payload: [nbytes] uint8, a view of a staging buffer
-        wait_work(self._group.send([payload], RECEIVER, 0), deadline, self._cuda)
+        work = self._group.send([payload], RECEIVER, 0)
+        if not self._cuda:
+            wait_work(work, deadline, False)
+            return None
+        with torch.cuda.stream(self._sent):
+            work.wait()
+            sent = torch.cuda.Event()
+            sent.record()
+        return sent
 
     def flush(self, deadline: float) -> None:
         """Every send so far has completed (CUDA: poll an event after them, bounded by the deadline)."""
         if self._cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(self._sent)
             wait_event(event, deadline, "NCCL send")
 
     def close(self, graceful: bool) -> None:

@@ -12,14 +12,17 @@ import torch.distributed as dist
 from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout, check_match
 from pdserve.kv_transfer.messages import CLOSE_MARKER, Endpoint, TransferHeader, TransportKind, message_plan
-from pdserve.kv_transfer.torch_dist import (
-    RECEIVER,
-    SENDER,
+from pdserve.kv_transfer.pair_store import (
     StoreListener,
     _td,
     announce_header,
     await_header,
     closed_key,
+    forget_header,
+)
+from pdserve.kv_transfer.torch_dist import (
+    RECEIVER,
+    SENDER,
     group_timeout_s,
     make_group,
     recv_header,
@@ -66,7 +69,9 @@ class TorchDistIngest:
         cuda = self.device.type == "cuda"
         if cuda:  # a new thread starts on GPU 0 whatever the main thread chose
             torch.cuda.set_device(self.device)
+        # Receives are posted on `side`, scattered on `scatter` (see _receive).
         side = torch.cuda.Stream(self.device) if cuda else None
+        scatter = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             try:
                 # This thread's own client of the store: its blocking calls (NCCL's rendezvous, header
@@ -80,7 +85,8 @@ class TorchDistIngest:
                     # A live sender closes an idle pair itself, so a silence twice as long means it is gone.
                     idle_deadline = time.monotonic() + 2 * config.idle_timeout_s
                     if cuda:  # headers come through the store (torch_dist.announce_header)
-                        values = await_header(store, pair.conn_id, pair.seq, idle_deadline)
+                        seq = pair.seq
+                        values = await_header(store, pair.conn_id, seq, idle_deadline)
                         with pair.lock:
                             pair.seq += 1
                     else:
@@ -88,32 +94,46 @@ class TorchDistIngest:
                     header = TransferHeader.from_list(values)
                     if header is None:
                         break
-                    self._receive(pair, header)
+                    self._receive(pair, header, scatter)
+                    if cuda:  # after the transfer landed: the deletion costs it no round trip
+                        forget_header(store, pair.conn_id, seq)
             except Exception as e:  # noqa: BLE001 - whatever broke the pair fails what it was carrying
                 if not pair.dropped.is_set():
                     self.receiver.conn_lost(pair.conn_id, str(e))
             finally:
                 self._teardown(pair)
 
-    def _receive(self, pair: _Pair, header: TransferHeader) -> None:
-        """Post every message's receive back to back; each scatter follows its receive on this stream."""
+    def _receive(self, pair: _Pair, header: TransferHeader, scatter: torch.cuda.Stream | None) -> None:
+        """Post every message's receive back to back; each scatter follows its receive on another stream.
+
+        NOTE (CUDA): NCCL's stream waits for the stream a receive is posted from. Receives are posted from
+        this thread's stream, which carries nothing but waits for staging buffers to be free again, and
+        scatters run on `scatter`: the receive of message k+1 runs while message k is scattered, instead
+        of queueing behind that scatter. No host sync until the last scatter is enqueued.
+        """
         receiver, cuda = self.receiver, self.device.type == "cuda"
         inc = receiver.open_part(pair.conn_id, header)
         dtype = receiver.layout.torch_dtype
         parts = message_plan(receiver.layout.num_layers, header)
+        on_scatter = (lambda: torch.cuda.stream(scatter)) if cuda else contextlib.nullcontext
         for part in parts:
-            buf = receiver.staging.acquire(inc.deadline)
+            buf = receiver.staging.acquire(inc.deadline)  # this stream waits until its last scatter ran
             try:
                 payload = buf.view(dtype, receiver.part_shape(header, part))  # [Lm, 2, nm, Hm, Bs, D]
-                wait_work(pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0), inc.deadline, cuda)
-                delivered = receiver.scatter(inc, header, part, payload)
-            finally:
+                work = pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0)  # posted from this stream
+                with on_scatter():
+                    wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
+                    delivered = receiver.scatter(inc, header, part, payload)
+            except BaseException:
                 receiver.staging.release(buf)
+                raise
+            with on_scatter():
+                receiver.staging.release(buf)  # CUDA: free once the scatter (on `scatter`) ran
             if not delivered or pair.dropped.is_set():
                 raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
-        if cuda:  # the scatters were enqueued on this thread's stream: wait (bounded) until they ran
+        if cuda:  # the scatters were enqueued on `scatter`: wait (bounded) until they ran
             done = torch.cuda.Event()
-            done.record()
+            done.record(scatter)
             wait_event(done, inc.deadline, "KV scatter")
         receiver.landed(inc, header, parts)
 
