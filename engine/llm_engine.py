@@ -14,7 +14,7 @@ from pdserve.engine.model_source import resolve_model
 from pdserve.engine.parallel import SINGLE
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.step import StepBatch
 from pdserve.errors import InvalidRequestError
 
@@ -88,13 +88,13 @@ class LLMEngine:
         out = self.runner.sample(logits, sampling)
         tokens = out.token_ids.tolist()  # the step's one host sync
         finished = self.scheduler.update(plan, dict(zip(sampling, tokens)))
-        return self._outputs(sampling, tokens, finished, out, plan)
+        return self._outputs(sampling, tokens, finished, out)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Run the model over one step (a TP gang's rank 0 also ships `batch` to its peers)."""
         return self.runner.forward(batch)
 
-    def _outputs(self, sampling, tokens, finished, out, plan: SchedulerOutput) -> list[RequestOutput]:
+    def _outputs(self, sampling, tokens, finished, out) -> list[RequestOutput]:
         done = set(finished)
         results = []
         for row, (req, tok) in enumerate(zip(sampling, tokens)):
@@ -108,6 +108,7 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion; return each one's generated token ids."""
         return run_to_completion(self, prompts, params)
+
 
 def run_to_completion(engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
     """Drive anything with `add_request` / `step` / `has_unfinished` (an engine, a TP gang) to the end."""
