@@ -55,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--taper-mib", type=float, default=None,
                    help=f"first/last messages taper down to this size, 0: off (default "
                         f"{defaults.taper_bytes >> 20}; cpu: 0)")
-    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="BxMIB[/TAPER],...",
+    p.add_argument("--spin-for-header", action="store_true",
+                   help="main table: the receiver spins for each header instead of sleeping until it lands "
+                        "(TransferConfig.spin_for_header; a sweep entry says it with a '+spin' suffix)")
+    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="BxMIB[/TAPER][+spin],...",
                    help=f"then time these staging configurations, NCCL only (default {DEFAULT_SWEEP}; cpu: "
                         f"2x1/0,4x1/0.0625)")
     p.add_argument("--sweep-sizes", type=_ints, default=None, help="token counts of the sweep (4096,16384; "
@@ -72,10 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sizes = args.sizes or ([256, 1024] if cpu else [1024, 4096, 16384])
     staging_mib = args.staging_mib or (1 if cpu else defaults.staging_bytes >> 20)
     taper_mib = args.taper_mib if args.taper_mib is not None else (0 if cpu else defaults.taper_bytes >> 20)
-    args.staging = Staging(args.staging_buffers, staging_mib, taper_mib)
+    args.staging = Staging(args.staging_buffers, staging_mib, taper_mib, args.spin_for_header)
     if cpu and args.sweep == DEFAULT_SWEEP:
         args.sweep = "2x1/0,4x1/0.0625"
-    args.sweep = [Staging.parse(s, taper_mib) for s in args.sweep.split(",")] if args.sweep else []
+    sweep = args.sweep.split(",") if args.sweep else []
+    args.sweep = [Staging.parse(s, taper_mib, args.spin_for_header) for s in sweep]
     args.sweep_sizes = args.sweep_sizes or ([1024] if cpu else [4096, 16384])
     args.all_sizes = sorted(set(args.sizes) | (set(args.sweep_sizes) if args.sweep else set()))
     return args
@@ -88,7 +92,8 @@ class Report:
         self.args, self.rows, self.sweep = args, [], []
         self.backend = "nccl" if args.device == "cuda" else "gloo"
         print(f"KV transfer, {args.shape}, staging {args.staging_buffers} x {args.staging.mib} MiB, "
-              f"taper {args.staging.taper_mib:g} MiB", flush=True)
+              f"taper {args.staging.taper_mib:g} MiB, header wait {'spin' if args.staging.spin else 'block'}",
+              flush=True)
         print(f"{'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} {'ratio':>6} "
               f"{'grpc GB/s':>10}", flush=True)
 
@@ -100,12 +105,12 @@ class Report:
         self.write(done=False)
 
     def sweep_header(self) -> None:
-        print("sweep: staging BUFFERS x MiB / taper MiB", flush=True)
-        print(f"{'staging':>10} {'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} "
+        print("sweep: staging BUFFERS x MiB / taper MiB [+spin: receiver spins for headers]", flush=True)
+        print(f"{'staging':>15} {'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} "
               f"{'ratio':>6}", flush=True)
 
     def sweep_row(self, r: dict) -> None:
-        print(f"{r['staging']:>10} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
+        print(f"{r['staging']:>15} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
               f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f}", flush=True)
         self.sweep.append(r)
         self.write(done=False)
@@ -117,6 +122,7 @@ class Report:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {"shape": vars(args.shape), "device": args.device, "staging_mib": args.staging.mib,
                   "staging_buffers": args.staging.buffers, "taper_mib": args.staging.taper_mib,
+                  "spin_for_header": args.staging.spin,
                   "iters": args.iters, "complete": done, "rows": self.rows, "sweep": self.sweep}
         if args.device == "cuda":
             record["gpus"] = [torch.cuda.get_device_name(i) for i in range(2)]

@@ -206,3 +206,7 @@ class TransferConfig:
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 16 << 20
     grpc_chunk_bytes: int = 4 << 20
+    # NCCL: how the receiving thread waits for an expected transfer's header. False: it sleeps until the GPU
+    # signals (no CPU used however late the sender starts; the wake-up costs more). True: it spins a CPU
+    # core in the driver until the header lands (wakes within microseconds).
+    spin_for_header: bool = False

@@ -1,5 +1,6 @@
 """The receiving rank's store, as both ends of a torch.distributed pair use it: the handshake (connection
-numbers, layout descriptors), the closed-pair mark, and (NCCL) the transfer headers.
+numbers, layout descriptors) and the closed-pair mark. Transfer headers do not go through it: they are
+messages on the pair, ahead of each transfer's data (see torch_ingest).
 
 The receiving rank hosts a TCPStore on a port chosen at run time; see torch_dist for the groups built over it.
 """
@@ -19,42 +20,6 @@ from pdserve.kv_transfer.messages import TransferConfig
 
 def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=max(seconds, 0.001))
-
-
-def header_key(conn_id: int, seq: int) -> str:
-    return f"conn/{conn_id}/header/{seq}"
-
-
-def announce_header(store: dist.Store, conn_id: int, seq: int, values: list[int]) -> None:
-    """NCCL pairs: the sender posts header `seq` (or the close marker) in the receiver's store.
-
-    NOTE: not an NCCL message on purpose. An NCCL receive posted for a header that may come minutes later
-    is a kernel spinning on the receiving GPU all that time: a device-wide synchronize waits for it, and so
-    can the first launch of any kernel not loaded yet (CUDA lazy module loading drains the GPU first), so
-    the decode rank, or whatever the peer waits on, stalls until the next transfer. With headers in the
-    store, NCCL receives are posted only once their sends are on their way. A set is one-way (no reply).
-    """
-    store.set(header_key(conn_id, seq), json.dumps(values))
-
-
-def await_header(store: dist.Store, conn_id: int, seq: int, deadline: float) -> list[int]:
-    """Receiver side of announce_header: header `seq` of the pair; TransferError once the deadline passes.
-
-    A store wait cannot be interrupted: whoever drops the pair wakes it by announcing the close marker under
-    the awaited number. Use a store client of the waiting thread's own (a client serves one call at a
-    time). The key stays until forget_header, called once the transfer has landed (one round trip less
-    before the first receive is posted).
-    """
-    key = header_key(conn_id, seq)
-    try:
-        store.wait([key], _td(deadline - time.monotonic()))
-    except dist.DistStoreError as e:  # timed out
-        raise TransferError("no header from the sender") from e
-    return json.loads(store.get(key))
-
-
-def forget_header(store: dist.Store, conn_id: int, seq: int) -> None:
-    store.delete_key(header_key(conn_id, seq))
 
 
 def closed_key(conn_id: int) -> str:
@@ -84,7 +49,7 @@ class Handshake:
         return remote
 
     def is_open(self) -> bool:
-        """False once the receiver has torn the pair down."""
+        """False once the receiver has torn the pair down (one store round trip)."""
         return not self.store.check([closed_key(self.conn_id)])
 
     def mark_closed(self) -> None:
@@ -92,23 +57,29 @@ class Handshake:
 
 
 class StoreListener:
-    """Receiver side: hosts the store and hands each sender's hello to `on_hello` on a listener thread."""
+    """Receiver side: hosts the store and hands each sender's hello to `on_hello` on a listener thread, which
+    also calls `on_tick` every TICK_S (the ingest looks there for pairs their senders closed)."""
 
     # NOTE: polls with check() rather than blocking in wait(): a blocked wait cannot be interrupted at close.
     POLL_S = 0.005
+    TICK_S = 0.1
 
-    def __init__(self, host: str, on_hello, config: TransferConfig):
+    def __init__(self, host: str, on_hello, config: TransferConfig, on_tick=None):
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                    timeout=_td(config.connect_timeout_s))
         self.port = self.store.port
-        self._on_hello, self._config = on_hello, config
+        self._on_hello, self._on_tick, self._config = on_hello, on_tick, config
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="kv-store-listener", daemon=True)
         self._thread.start()
 
     def _listen(self) -> None:
         conn_id, since = 1, time.monotonic()
+        tick = time.monotonic() + self.TICK_S
         while not self._stop.wait(self.POLL_S):
+            if self._on_tick is not None and time.monotonic() > tick:
+                self._on_tick()
+                tick = time.monotonic() + self.TICK_S
             key = f"conn/{conn_id}/hello"
             if not self.store.check([key]):
                 # Skip a number that a sender took but never used (it died in between).

@@ -81,7 +81,24 @@ class PairWorker:
             self._drop_link(graceful=True)
 
     def _send(self, out, part: SendSlice) -> int:
-        """Gather each message into staging and send it; returns the bytes sent.
+        """Send this rank's slice of the transfer; returns the bytes sent.
+
+        NOTE (NCCL): nothing on the way to the first send waits for the receiver. Whether the receiver tore
+        the pair down (a store round trip) is asked only once every message is posted, while they move; if
+        it did, the posted sends can never complete: the group is aborted (which ends them) and the
+        transfer is sent again, once, over a new pair.
+        """
+        for attempt in range(2):
+            link = self._ensure_link(out.transfer_id, out.deadline)
+            num_bytes = self._post(out, part, link)
+            if not getattr(link, "check_after_posting", False) or attempt or link.is_open():
+                break
+            self._drop_link(graceful=False)
+        link.flush(out.deadline)
+        return num_bytes
+
+    def _post(self, out, part: SendSlice, link) -> int:
+        """Gather each message into staging and post its send; returns the bytes posted.
 
         NOTE (CUDA): this thread's stream carries the gathers only; each send's completion is awaited on the
         link's own stream (TorchDistLink.send), so the gather of message k+1 runs while message k is sent,
@@ -93,7 +110,6 @@ class PairWorker:
         unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
         taper = sender.config.taper_bytes // unit if self.endpoint.kind is TransportKind.TORCH else 0
         header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
-        link = self._ensure_link(out.transfer_id, out.deadline)
         link.begin(header, out.deadline)
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
@@ -115,11 +131,11 @@ class PairWorker:
             finally:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
-        link.flush(out.deadline)
         return num_bytes
 
     def _ensure_link(self, transfer_id: int, deadline: float):
-        if self._link is not None and not self._link.is_open():
+        link = self._link
+        if link is not None and not getattr(link, "check_after_posting", False) and not link.is_open():
             self._drop_link(graceful=False)  # the receiver tore the pair down: rebuild it
         if self._link is None:
             link = open_link(self.endpoint, self.sender.kv_cache.device, self.sender.config)

@@ -21,7 +21,7 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
-from pdserve.kv_transfer.staging import StagingPool, device_index
+from pdserve.kv_transfer.staging import StagingPool, device_index, pinned_index
 
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
@@ -33,6 +33,7 @@ class _Incoming:
     block_ids: list[int]
     deadline: float
     units_left: int  # (layer, head, block) triples still to arrive
+    units_unclaimed: int = 0  # triples no received header has announced yet (a pair may still bring them)
     start: float = field(default_factory=time.monotonic)
     state: TransferState = TransferState.WAITING
     num_bytes: int = 0
@@ -40,6 +41,7 @@ class _Incoming:
     # CUDA: the latest scatter enqueued on each side stream (one per pair delivering to this transfer)
     scatters: dict[int, torch.cuda.Event] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # orders scatters against failure
+    pinned_ids: torch.Tensor | None = None  # CUDA: [n] int64 in pinned host memory, made by expect()
     block_index: torch.Tensor | None = None  # [n] int64 on the cache's device, made by the first scatter
 
 
@@ -80,8 +82,11 @@ class KVReceiver:
     def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None) -> None:
         """Wait for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline."""
         n = len(block_ids)
+        units = self.layout.num_layers * self.layout.num_local_heads * n
         inc = _Incoming(transfer_id, list(block_ids), time.monotonic() + (timeout_s or self.config.timeout_s),
-                        units_left=self.layout.num_layers * self.layout.num_local_heads * n)
+                        units_left=units, units_unclaimed=units)
+        if self.kv_cache.is_cuda:  # the host half of device_index now, off the transfer's critical path
+            inc.pinned_ids = pinned_index(inc.block_ids)
         with self._lock:
             if transfer_id in self._active or transfer_id in self._finished:
                 raise TransferError(f"transfer {transfer_id} is already known to this receiver")
@@ -91,6 +96,24 @@ class KVReceiver:
         self.stats.add(transfers_started=1)
         if rejected is not None:
             self._fail(inc, rejected)
+
+    def await_unclaimed(self, timeout_s: float, stop: threading.Event) -> bool:
+        """Transports: block (bounded, or until `stop` is set and wake() called) until some expected transfer
+        has parts that no received header has announced yet.
+
+        NOTE: NCCL pairs post the receive for their next header only then (torch_ingest), so that an idle
+        pair never leaves an NCCL kernel waiting on this GPU.
+        """
+        def ready() -> bool:
+            return stop.is_set() or any(inc.units_unclaimed > 0 for inc in self._active.values())
+
+        with self._lock:
+            return self._lock.wait_for(ready, timeout_s) and not stop.is_set()
+
+    def wake(self) -> None:
+        """Wake transport threads blocked in await_unclaimed (after setting their `stop`)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def state(self, transfer_id: int) -> TransferState | None:
         """Non-blocking. None for an id never expected (or finished long ago)."""
@@ -152,6 +175,8 @@ class KVReceiver:
                     raise TransferError(f"transfer {header.transfer_id} is not expected by this receiver")
                 self._lock.wait(left)
             inc.conns.add(conn_id)
+            num_heads = header.heads[1] - header.heads[0]
+            inc.units_unclaimed -= header.num_blocks * self.layout.num_layers * num_heads
         hs, he = self.layout.heads
         if header.num_blocks != len(inc.block_ids) or not hs <= header.heads[0] < header.heads[1] <= he:
             reason = (f"transfer {header.transfer_id}: sender ships {header.num_blocks} blocks of heads "
@@ -178,7 +203,8 @@ class KVReceiver:
                 return False
             inc.state = TransferState.TRANSFERRING
             if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never waits
-                inc.block_index = device_index(inc.block_ids, self.kv_cache.device)
+                ids = inc.pinned_ids if inc.pinned_ids is not None else inc.block_ids
+                inc.block_index = device_index(ids, self.kv_cache.device)
             ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
                                part.layers, heads)
             if buf.is_cuda:

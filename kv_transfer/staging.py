@@ -64,10 +64,17 @@ class StagingPool:
             self._cond.notify()
 
 
-def device_index(ids: list[int], device: torch.device) -> torch.Tensor:
-    """[n] int64 block ids on `device`, without the host waiting for the current stream (CUDA: staged through
-    pinned memory and copied asynchronously; a plain torch.tensor(..., device=cuda) synchronizes the stream,
-    which would hold back every receive or send posted after it)."""
+def pinned_index(ids: list[int]) -> torch.Tensor:
+    """[n] int64 in pinned host memory: the host half of device_index, made ahead of time."""
+    return torch.tensor(ids, dtype=torch.int64).pin_memory()
+
+
+def device_index(ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[n] int64 ids on `device`, without the host waiting for the current stream (CUDA: staged through
+    pinned memory, or taken from pinned_index, and copied asynchronously; a plain torch.tensor(...,
+    device=cuda) synchronizes the stream, which would hold back every receive or send posted after it)."""
+    if isinstance(ids, torch.Tensor) and ids.is_pinned():
+        return ids.to(device, non_blocking=True)
     index = torch.tensor(ids, dtype=torch.int64)
     if device.type != "cuda":
         return index

@@ -5,9 +5,9 @@ connection number from the store, posts its layout, and reads the receiver's; bo
 build a two-rank group (sender rank 0, receiver rank 1) under a store prefix of that number. No global
 group exists, so a dead worker breaks only its own pairs. Backend: nccl for CUDA caches, gloo for CPU.
 
-NCCL: the pair's communicator is built inside make_group (see connect_nccl), and transfer headers travel
-through the store rather than as NCCL messages, so an idle pair never leaves an NCCL kernel waiting on
-the GPU (see pair_store.announce_header; the handshake and closed-pair mark live there too).
+NCCL: the pair's communicator is built inside make_group (see connect_nccl). Each transfer's header is a
+64-byte NCCL message ahead of its data; the receiver posts its receive only while it expects a transfer
+(torch_ingest), so no store round trip lies between the sender's start and the data.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 from pdserve.errors import TransferError
+from pdserve.kv_transfer.cuda_wait import sync_event
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
-from pdserve.kv_transfer.pair_store import Handshake, _td, announce_header
+from pdserve.kv_transfer.pair_store import Handshake, _td
+from pdserve.kv_transfer.staging import device_index
 
 SENDER, RECEIVER = 0, 1
 
@@ -105,7 +107,8 @@ def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
     """Complete one send/recv within the deadline.
 
     NOTE: on CUDA this only orders the current stream after the transfer, so the host can post the next
-    message at once; the caller bounds the whole transfer by polling an event. gloo blocks the host.
+    message at once; the caller bounds the whole transfer with an event (cuda_wait.sync_event). gloo blocks
+    the host.
     """
     if cuda:
         work.wait()
@@ -113,18 +116,8 @@ def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
         raise TransferError("torch.distributed operation did not complete")
 
 
-def wait_event(event: torch.cuda.Event, deadline: float, what: str) -> None:
-    """Poll a CUDA event until it completes or the deadline passes (a plain synchronize has no deadline)."""
-    start = time.monotonic()  # transfers end within microseconds of the check: spin briefly first
-    while not event.query():
-        now = time.monotonic()
-        if now > deadline:
-            raise TransferError(f"{what} did not complete within its deadline")
-        time.sleep(0 if now < start + 0.02 else 0.0002 if now < start + 1.0 else 0.002)
-
-
 def recv_header(pg: dist.ProcessGroup, device: torch.device, deadline: float) -> list[int]:
-    """gloo pairs: the header as a message of its own (NCCL pairs use announce_header / await_header)."""
+    """gloo pairs: the header as a message of its own, received as soon as the pair is idle."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
     work = pg.recv([header], SENDER, 0)
     if not work.wait(_td(deadline - time.monotonic())):
@@ -141,7 +134,9 @@ class TorchDistLink:
         self._bind_host = local_ip_towards(host)
         self._group: dist.ProcessGroup | None = None
         self._cuda = device.type == "cuda"
-        self._seq = 0  # NCCL: number of the next header announced through the store
+        # NCCL: nothing waits for the receiver before the first send; is_open is asked while the messages
+        # move (pair_worker), and a closed pair is rebuilt and the transfer sent again.
+        self.check_after_posting = self._cuda
         # CUDA: where send completions are awaited (see send)
         self._sent = torch.cuda.Stream(device) if self._cuda else None
 
@@ -156,14 +151,11 @@ class TorchDistLink:
         return self._group is not None and self._handshake.is_open()
 
     def begin(self, header: TransferHeader, deadline: float) -> None:
-        if self._cuda:
-            self._announce(header.to_list())
+        """The transfer's header, ahead of its data on the pair (NCCL: posted, not awaited)."""
+        if self._cuda:  # staged through pinned memory: no host sync (see staging.device_index)
+            self._group.send([device_index(header.to_list(), self.device)], RECEIVER, 0)
         else:
             wait_work(self._group.send([header.to_tensor(self.device)], RECEIVER, 0), deadline, False)
-
-    def _announce(self, values: list[int]) -> None:
-        announce_header(self._handshake.store, self._handshake.conn_id, self._seq, values)
-        self._seq += 1
 
     def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor,
              deadline: float) -> torch.cuda.Event | None:
@@ -185,20 +177,24 @@ class TorchDistLink:
         return sent
 
     def flush(self, deadline: float) -> None:
-        """Every send so far has completed (CUDA: poll an event after them, bounded by the deadline)."""
+        """Every send so far has completed (CUDA: the host blocks on an event after them; past the deadline
+        the group is aborted, which ends the sends, and TransferError is raised)."""
         if self._cuda:
             event = torch.cuda.Event()
             event.record(self._sent)
-            wait_event(event, deadline, "NCCL send")
+            sync_event(event, deadline, self._abort, "NCCL send")
+
+    def _abort(self) -> None:
+        if (group := self._group) is not None:
+            group.abort()
 
     def close(self, graceful: bool) -> None:
         group, self._group = self._group, None
         if group is None:
             return
         with contextlib.suppress(Exception):
-            if graceful and self._cuda:
-                self._announce(CLOSE_MARKER)
-            elif graceful:
+            # NCCL: the mark is the close; a receiver waiting for a header drops the pair when it sees it.
+            if graceful and not self._cuda:
                 close = torch.tensor(CLOSE_MARKER, dtype=torch.int64, device=self.device)
                 wait_work(group.send([close], RECEIVER, 0), time.monotonic() + 1.0, False)
             self._handshake.mark_closed()

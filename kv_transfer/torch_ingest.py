@@ -10,25 +10,14 @@ import torch
 import torch.distributed as dist
 
 from pdserve.errors import TransferError
+from pdserve.kv_transfer.cuda_wait import sync_event
 from pdserve.kv_transfer.layout import KVLayout, check_match
-from pdserve.kv_transfer.messages import CLOSE_MARKER, Endpoint, TransferHeader, TransportKind, message_plan
-from pdserve.kv_transfer.pair_store import (
-    StoreListener,
-    _td,
-    announce_header,
-    await_header,
-    closed_key,
-    forget_header,
-)
-from pdserve.kv_transfer.torch_dist import (
-    RECEIVER,
-    SENDER,
-    group_timeout_s,
-    make_group,
-    recv_header,
-    wait_event,
-    wait_work,
-)
+from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.pair_store import StoreListener, _td, closed_key
+from pdserve.kv_transfer.torch_dist import RECEIVER, SENDER, group_timeout_s, make_group, recv_header, wait_work
+
+# An NCCL pair with no expected transfer re-checks this often whether it was dropped or went idle too long.
+_IDLE_CHECK_S = 0.2
 
 
 @dataclass
@@ -36,8 +25,7 @@ class _Pair:
     conn_id: int
     dropped: threading.Event = field(default_factory=threading.Event)
     group: dist.ProcessGroup | None = None
-    seq: int = 0  # NCCL: number of the header the pair's thread waits for (under lock)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    header_bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # NCCL: where headers land (device, host)
 
 
 class TorchDistIngest:
@@ -48,7 +36,8 @@ class TorchDistIngest:
         self.device = receiver.kv_cache.device
         self._pairs: dict[int, _Pair] = {}
         self._lock = threading.Lock()
-        self._listener = StoreListener(host, self._on_hello, receiver.config)
+        on_tick = self._reap if self.device.type == "cuda" else None
+        self._listener = StoreListener(host, self._on_hello, receiver.config, on_tick)
         self.endpoint = Endpoint(TransportKind.TORCH, host, self._listener.port)
 
     def _on_hello(self, conn_id: int, remote: KVLayout, transfer_id: int) -> None:
@@ -74,34 +63,63 @@ class TorchDistIngest:
         scatter = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             try:
-                # This thread's own client of the store: its blocking calls (NCCL's rendezvous, header
-                # waits) never hold up the listener or other pairs, which share the hosting client.
+                # This thread's own client of the store: its blocking calls (NCCL's rendezvous) never hold
+                # up the listener or other pairs, which share the hosting client.
                 store = dist.TCPStore(self.host, self._listener.port, is_master=False, wait_for_workers=False,
                                       timeout=_td(config.connect_timeout_s))
                 pair.group = make_group(store, pair.conn_id, RECEIVER, self.device, self.host,
                                         group_timeout_s(config), time.monotonic() + config.connect_timeout_s)
                 stats.add(groups_created=1)
+                next_header = self._nccl_header if cuda else self._gloo_header
                 while not pair.dropped.is_set():
                     # A live sender closes an idle pair itself, so a silence twice as long means it is gone.
-                    idle_deadline = time.monotonic() + 2 * config.idle_timeout_s
-                    if cuda:  # headers come through the store (torch_dist.announce_header)
-                        seq = pair.seq
-                        values = await_header(store, pair.conn_id, seq, idle_deadline)
-                        with pair.lock:
-                            pair.seq += 1
-                    else:
-                        values = recv_header(pair.group, self.device, idle_deadline)
+                    values = next_header(pair, time.monotonic() + 2 * config.idle_timeout_s)
+                    if values is None:  # dropped while waiting
+                        break
                     header = TransferHeader.from_list(values)
                     if header is None:
                         break
                     self._receive(pair, header, scatter)
-                    if cuda:  # after the transfer landed: the deletion costs it no round trip
-                        forget_header(store, pair.conn_id, seq)
             except Exception as e:  # noqa: BLE001 - whatever broke the pair fails what it was carrying
                 if not pair.dropped.is_set():
                     self.receiver.conn_lost(pair.conn_id, str(e))
             finally:
                 self._teardown(pair)
+
+    def _gloo_header(self, pair: _Pair, idle_deadline: float) -> list[int]:
+        return recv_header(pair.group, self.device, idle_deadline)
+
+    def _nccl_header(self, pair: _Pair, idle_deadline: float) -> list[int] | None:
+        """The pair's next header, received as an NCCL message; None once the pair is dropped.
+
+        NOTE: the receive is posted only while some expected transfer has parts no header announced yet
+        (expect() wakes this thread), and then at once: it is already waiting on the GPU when the sender
+        posts the header, so the header costs the critical path one small NCCL message and a host wake-up,
+        and no store round trip. An idle pair leaves no NCCL kernel on the GPU (a posted receive is a
+        kernel spinning until its message: a device-wide synchronize, or the first launch of a kernel
+        not loaded yet, would wait for the next transfer). With several sending ranks connected, every
+        pair posts one when a transfer is expected and one pair brings it; the others' receives stay
+        posted until their next transfer, or until their sender closes the pair (_reap drops it).
+        """
+        while not self.receiver.await_unclaimed(_IDLE_CHECK_S, pair.dropped):
+            if pair.dropped.is_set():
+                return None
+            if time.monotonic() > idle_deadline:
+                raise TransferError("no transfer from the sender within twice the idle timeout")
+        if pair.header_bufs is None:  # [HEADER_LEN] int64 on the GPU, and pinned on the host
+            pair.header_bufs = (torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
+                                torch.empty(HEADER_LEN, dtype=torch.int64, pin_memory=True))
+        dev, host = pair.header_bufs
+        work = pair.group.recv([dev], SENDER, 0)
+        work.wait()  # this stream waits for the receive
+        host.copy_(dev, non_blocking=True)
+        # The sender may start much later: sleep in the driver rather than spin, unless configured otherwise.
+        arrived = torch.cuda.Event(blocking=not self.receiver.config.spin_for_header)
+        arrived.record()
+        sync_event(arrived, idle_deadline, lambda: self.drop_conn(pair.conn_id), "transfer header")
+        if pair.dropped.is_set():
+            return None
+        return host.tolist()
 
     def _receive(self, pair: _Pair, header: TransferHeader, scatter: torch.cuda.Stream | None) -> None:
         """Post every message's receive back to back; each scatter follows its receive on another stream.
@@ -131,10 +149,10 @@ class TorchDistIngest:
                 receiver.staging.release(buf)  # CUDA: free once the scatter (on `scatter`) ran
             if not delivered or pair.dropped.is_set():
                 raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
-        if cuda:  # the scatters were enqueued on `scatter`: wait (bounded) until they ran
-            done = torch.cuda.Event()
+        if cuda:  # the scatters were enqueued on `scatter`: the host blocks until they ran (no sleep between
+            done = torch.cuda.Event()  # polls; past the deadline the pair is dropped, which ends its receives)
             done.record(scatter)
-            wait_event(done, inc.deadline, "KV scatter")
+            sync_event(done, inc.deadline, lambda: self.drop_conn(pair.conn_id), "KV scatter")
         receiver.landed(inc, header, parts)
 
     def drop_conn(self, conn_id: int) -> None:
@@ -144,15 +162,28 @@ class TorchDistIngest:
         if pair is None or pair.dropped.is_set():
             return
         pair.dropped.set()
+        self.receiver.wake()  # the pair's thread, if it waits for an expected transfer
         with contextlib.suppress(Exception):
             self._listener.store.set(closed_key(conn_id), "1")
-        if self.device.type == "cuda":  # wake the pair's thread if it waits for a header
-            with contextlib.suppress(Exception), pair.lock:
-                announce_header(self._listener.store, conn_id, pair.seq, CLOSE_MARKER)
         if pair.group is not None and self.device.type == "cuda":
-            # NCCL receives of a dead sender never finish; aborting frees the stream (gloo ones time out).
+            # NCCL receives (a header's, or those of a dead sender) never finish on their own; aborting ends
+            # them and wakes the pair's thread from its wait (gloo ones time out).
             with contextlib.suppress(Exception):
                 pair.group.abort()
+
+    def _reap(self) -> None:
+        """NCCL (on the listener thread, every StoreListener.TICK_S): drop the pairs their senders closed.
+
+        NOTE: a sender closes an NCCL pair by its mark in the store alone (an NCCL close message would wait
+        for a receive that is only posted while a transfer is expected), so this is how a pair thread
+        waiting for a header learns that none will come.
+        """
+        with self._lock:
+            pairs = [p for p in self._pairs.values() if not p.dropped.is_set()]
+        for pair in pairs:
+            with contextlib.suppress(Exception):
+                if self._listener.store.check([closed_key(pair.conn_id)]):
+                    self.drop_conn(pair.conn_id)
 
     def _teardown(self, pair: _Pair) -> None:
         self.drop_conn(pair.conn_id)
