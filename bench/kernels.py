@@ -1,7 +1,7 @@
 """Kernel benchmark: each Triton kernel's achieved bandwidth (or FLOP/s) as a fraction of this GPU's ceilings,
 and its time against PyTorch's own op on the same data, all measured in one run.
 
-    python -m pdserve.bench.kernels --out kernels.json [--sweep] [--only attention|decode|prefill|elementwise]
+    python -m pdserve.bench.kernels --out kernels.json [--sweep]
 
 Ceilings: a large device-to-device copy (bytes read + written) and a bf16 8192^3 GEMM, on random data.
 Times are `triton.testing.do_bench` medians (it flushes L2 between runs). --sweep also times tile configs.
@@ -203,39 +203,33 @@ def elementwise_cases(ceil) -> list[dict]:
 
 
 def sweeps(ceil):
-    """(family, thunk): tile configs for the two attention kernels, and split counts around the automatic one."""
+    """Tile configs for the two attention kernels, and split counts around the automatic choice."""
     dec = [
         {"BLOCK_N": n, "num_warps": w, "num_stages": s}
         for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3))
     ]
-    # Configs that fit sm_90 without spills (BLOCK_M 128 needs 8 warps; 128 x 128 x 3 stages is 224 KB).
     pre = [
         {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-        for m, n, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                           (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)]
+        for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
     ]
     for batch, ctx in [(64, 4096), (1, 32768), (16, 4096)]:
-        yield "decode", lambda b=batch, c=ctx: decode_case(b, c, ceil, dec)
-    for batch, ctx in [(64, 4096), (1, 32768), (16, 4096), (1, 4096), (256, 512)]:
+        yield lambda b=batch, c=ctx: decode_case(b, c, ceil, dec)
+    for batch, ctx in [(64, 4096), (1, 32768), (16, 4096), (256, 512)]:
         n = attention_decode.choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
-        yield "decode", lambda b=batch, c=ctx, n=n: decode_case(
+        yield lambda b=batch, c=ctx, n=n: decode_case(
             b, c, ceil, splits=sorted({max(1, n // 2), n, 2 * n, 4 * n})
         )
     for batch, seq in [(8, 2048), (1, 16384)]:
-        yield "prefill", lambda b=batch, s=seq: prefill_case(b, s, ceil, pre)
+        yield lambda b=batch, s=seq: prefill_case(b, s, ceil, pre)
 
 
 def cases(ceil):
-    """(family, thunk): the table, every case as a thunk returning rows."""
+    """The table: every case as a thunk returning rows."""
     for batch, ctx in itertools.product((1, 16, 64, 256), (512, 4096, 32768)):
         if 2 * batch * ctx * HKV * D * 2 <= MAX_KV_BYTES:
-            yield "decode", lambda b=batch, c=ctx: decode_case(b, c, ceil)
-    yield "prefill", lambda: prefill_case(8, 2048, ceil) + prefill_case(1, 16384, ceil)
-    yield "elementwise", lambda: elementwise_cases(ceil)
-
-
-FAMILIES = {"attention": {"decode", "prefill"}, "decode": {"decode"}, "prefill": {"prefill"},
-            "elementwise": {"elementwise"}}
+            yield lambda b=batch, c=ctx: decode_case(b, c, ceil)
+    yield lambda: prefill_case(8, 2048, ceil) + prefill_case(1, 16384, ceil)
+    yield lambda: elementwise_cases(ceil)
 
 
 def main() -> int:
@@ -244,7 +238,6 @@ def main() -> int:
     )
     parser.add_argument("--out", help="write all rows and ceilings as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also time tile configs and split counts")
-    parser.add_argument("--only", choices=sorted(FAMILIES), help="run only these kernels (e.g. attention)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -263,11 +256,8 @@ def main() -> int:
         "  config splits"
     )
     rows = []
-    wanted = FAMILIES[args.only] if args.only else set().union(*FAMILIES.values())
     thunks = itertools.chain(cases(ceil), sweeps(ceil) if args.sweep else ())
-    for family, thunk in thunks:
-        if family not in wanted:
-            continue
+    for thunk in thunks:
         try:
             new = thunk()
         except Exception as e:  # noqa: BLE001 -- one failing case must not hide the other cases' numbers

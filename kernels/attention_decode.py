@@ -69,8 +69,7 @@ def paged_decode_attention_ref(
 # ---------------------------------------------------------------- Triton (split-K / FlashDecoding)
 # Program (b, kv head, split) walks one slice of sequence b's context in tiles of BLOCK_N tokens and serves
 # all GROUP query heads of its kv head from each K/V tile (rows padded to BLOCK_H >= 16 for tl.dot).
-# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices. With one
-# split (B x Hkv already fills the GPU) the slice is the answer: it writes `out` and the merge is skipped.
+# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices.
 # NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
 # it is False on GPU, where the dots take the cache dtype (tensor cores).
 
@@ -82,47 +81,19 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def load_block_ids(bt_row, n0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_TOKENS: tl.constexpr):
-    """Block ids [BLOCK_N // PAGE_TOKENS] of the key tile at n0 (a multiple of BLOCK_N), one small vector load.
-
-    PAGE_TOKENS = min(BLOCK_N, block size): the tile spans whole blocks, or sits inside one. Blocks wholly at or
-    past `end` may lie past the block table's row: they read as block 0, and their keys are never used.
-    """
-    idx = n0 // BLOCK_SIZE + tl.arange(0, BLOCK_N // PAGE_TOKENS)
-    return tl.load(bt_row + idx, mask=idx * BLOCK_SIZE < end, other=0)
-
-
-@triton.jit
-def paged_kv_offsets(
-    page, n0, stride_kn, stride_kt, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-):
-    """Cache offsets [BLOCK_N] of the keys n0 .. n0 + BLOCK_N - 1, from the tile's block ids `page`.
-
-    NOTE: callers load the next tile's ids one iteration ahead (a loop-carried `page`). A load inside the K/V
-    address chain costs Triton's pipeliner a stage: compiled for sm_90 it then kept two K/V buffers and waited
-    for all copies at each step, instead of num_stages - 1 tiles in flight as on contiguous K/V.
-    """
-    slot = n0 % BLOCK_SIZE + tl.arange(0, PAGE_TOKENS)  # 0.. unless the block outspans the tile
-    return tl.reshape(page.to(tl.int64)[:, None] * stride_kn + slot[None, :] * stride_kt, [BLOCK_N])
-
-
-@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
     scale_log2, window, num_splits,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_kn, stride_kh, stride_kt, stride_bt,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
     lo = tl.maximum(ctx - window, 0) if USE_WINDOW else 0
-    # Each sequence's own range, from its first tile, is cut into num_splits tile-aligned slices: balanced for
-    # any length; tiles start at multiples of BLOCK_N so that they hold whole blocks.
-    first = lo // BLOCK_N * BLOCK_N
-    chunk = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
-    start = first + split * chunk
+    # Each sequence's own range is cut into num_splits tile-aligned slices: balanced for any length.
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.minimum(start + chunk, ctx)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -133,46 +104,36 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hd_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    k_ptr += kvh * stride_kh
-    v_ptr += kvh * stride_kh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    bt_row = bt_ptr + b * stride_bt
-    page = load_block_ids(bt_row, start, end, BLOCK_SIZE, BLOCK_N, PAGE_TOKENS)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N]
         n_mask = pos < end
-        if USE_WINDOW:  # the first tile may start before the window
-            n_mask &= pos >= lo
-        kv_off = paged_kv_offsets(page, n0, stride_kn, stride_kt, BLOCK_SIZE, BLOCK_N, PAGE_TOKENS)
-        page = load_block_ids(bt_row, n0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, PAGE_TOKENS)  # see paged_kv_offsets
+        page = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = page * stride_kn + kvh * stride_kh + (pos % BLOCK_SIZE) * stride_kt
         nd_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N], unscaled: the scale folds into exp2's argument
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)  # finite: every tile holds >= 1 valid token
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds >= 1 valid token
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * scale_log2 - m_new[:, None])  # one FMA per score, log2 domain
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
         if DOT_FP32:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     # An empty slice (short sequence) leaves l_i = 0: it writes lse = -inf and zeros, weight 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    if ONE_SPLIT:
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
-    else:
-        row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
-        tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
+    row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
+    tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
 
 
 @triton.jit
@@ -236,25 +197,22 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    part = lse = None  # one split writes `out` directly: no partials, no merge launch
-    if num_splits > 1:
-        part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, out,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse,
         scale * LOG2E, sliding_window or 0, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
-        PAGE_TOKENS=min(cfg["BLOCK_N"], block_size), ONE_SPLIT=num_splits == 1, DOT_FP32=not q.is_cuda,
+        DOT_FP32=not q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(batch, num_heads)](
-            part, lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+    _decode_merge_kernel[(batch, num_heads)](
+        part, lse, out, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+    )
     return out
