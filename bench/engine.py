@@ -136,7 +136,8 @@ def run_gang(config, tp: int, context: int, batches) -> dict:
     ray.init(num_gpus=tp, include_dashboard=False, logging_level="ERROR")
     gang = TPGang(config, tp)
     try:
-        return gang._wait(gang.ranks[0].bench.remote(context, list(batches)), 1800, "bench"), gang.spec
+        res = gang._wait(gang.ranks[0].bench.remote(context, list(batches)), 1800, "bench")
+        return {**res, "symmetric_all_reduce": gang.symmetric_all_reduce}, gang.spec
     finally:
         gang.shutdown()
         ray.shutdown()
@@ -157,7 +158,7 @@ def main() -> int:
     from pdserve.bench.kernels import ceilings
 
     batches = [int(b) for b in args.batches.split(",")]
-    blocks = -(-(max(batches) * (args.context + 1)) // 16) + 8
+    blocks = max(batches) * -(-(args.context + 1) // 16) + 8  # synthetic steps give each sequence whole blocks
     config = load_config(None, model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
                          num_kv_blocks=max(blocks, 8 * 2048 // 16 + 8), max_model_len=4096,
                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
@@ -168,6 +169,8 @@ def main() -> int:
         res_tp, _ = run_gang(config, args.tp, args.context, batches)
         amounts_tp = model_amounts(spec, args.tp, args.context)
         rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
+        path = "symmetric one-shot (small) + NCCL (large)" if res_tp["symmetric_all_reduce"] else "NCCL only"
+        print(f"tp{args.tp} all-reduce: {path}")
         for b in batches:
             rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
                          "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})

@@ -25,8 +25,11 @@ from pdserve.errors import PdserveError, WorkerFailedError
 
 log = logging.getLogger(__name__)
 
-# NVLink multicast stays off in every process we start (it can take a shared host's GPUs down).
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# Every rank's environment. NVLink multicast stays off in every process we start (it can take a
+# shared host's GPUs down). Each rank sees only its own GPU, as device 0, which torch's symmetric
+# memory would otherwise take for two ranks sharing one GPU (the peer mappings are right either way).
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+            "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1"}
 LOAD_TIMEOUT_S = 600.0  # model load and KV profiling: far longer than a step, still bounded
 
 _RemoteRank = ray.remote(TPRank)
@@ -67,6 +70,7 @@ class TPGang:
         self._wait_all([r.join.remote(host, port) for r in self.ranks], self.timeout, "process group")
         infos = self._wait_all([r.load.remote() for r in self.ranks], LOAD_TIMEOUT_S, "model load")
         self.num_blocks, self.max_model_len = infos[0]["num_blocks"], infos[0]["max_model_len"]
+        self.symmetric_all_reduce = infos[0]["symmetric_all_reduce"]  # small all-reduces over peer memory
         self.loops = [r.serve_steps.remote() for r in self.ranks[1:]]
         self.broken = False
 

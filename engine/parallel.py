@@ -10,8 +10,9 @@ import torch.distributed._symmetric_memory as symm_mem
 
 log = logging.getLogger(__name__)
 
-# Messages up to this size take the one-shot path: a decode step's hidden states up to B=256 at
-# hidden 4096 in bf16 (2 MiB); prefill-sized ones go to NCCL, whose bandwidth wins there.
+# Messages up to this size take the one-shot path. Inside a CUDA graph on 2 x H200 (NVLink), per all-reduce:
+# 8 KiB 6.5 µs against NCCL's 10.7, 512 KiB 10.8 against 14.2, 2 MiB 21.6 against 31.2, but 8 MiB 63 against
+# 49 (`python -m pdserve.bench.all_reduce`). Decode steps up to B=256 at hidden 4096 in bf16 (2 MiB) fit.
 SYMMETRIC_MAX_BYTES = 4 << 20
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
@@ -21,9 +22,9 @@ class SymmetricAllReduce:
 
     One kernel copies the input into this rank's buffer, waits on signal pads until every peer has
     done the same, reads all the buffers with plain loads, sums them in rank order (the same bits on
-    every rank) and signals that the buffers may be reused. One launch and two peer round trips,
-    where NCCL's small all-reduce costs ~15 µs; no multicast. The buffer's address never changes,
-    so the kernel is captured into CUDA graphs like any other.
+    every rank) and signals that the buffers may be reused: one launch and two peer round trips, no
+    multicast. The buffer's address never changes, so the kernel is captured into CUDA graphs like
+    any other; every rank must run the same sequence of them (as it must NCCL's).
     """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = SYMMETRIC_MAX_BYTES):
@@ -34,13 +35,14 @@ class SymmetricAllReduce:
     @classmethod
     def try_create(cls, group: dist.ProcessGroup, device: torch.device) -> SymmetricAllReduce | None:
         """Collective. The buffer on every rank, or None on every rank (then NCCL does all the
-        all-reduces) where peer memory cannot be mapped, e.g. GPUs without peer access."""
+        all-reduces) where peer memory cannot be mapped or a first all-reduce comes out wrong."""
         try:
             symmetric = cls(group, device)
+            works = bool((symmetric(torch.ones(4, device=device)) == group.size()).all())
         except RuntimeError as e:
             log.warning("symmetric memory unavailable (%s); all-reduces go through NCCL", e)
-            symmetric = None
-        ok = torch.tensor([symmetric is not None], dtype=torch.int32, device=device)
+            symmetric, works = None, False
+        ok = torch.tensor([works], dtype=torch.int32, device=device)
         dist.all_reduce(ok, dist.ReduceOp.MIN, group=group)  # one rank alone on the fast path would hang the gang
         return symmetric if ok.item() else None
 
@@ -80,7 +82,7 @@ class TPGroup:
             return x
         if self.symmetric is not None and self.symmetric.can_reduce(x):
             return self.symmetric(x)
-        # NOTE: large messages (NCCL's bandwidth wins), CPU tensors (gloo) and other dtypes.
+        # NOTE: what the one-shot path cannot take: large messages (NCCL's bandwidth wins), CPU tensors, fp16.
         dist.all_reduce(x, group=self.group)
         return x
 
