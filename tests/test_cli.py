@@ -30,3 +30,13 @@ def test_embedded_cache_is_converted_once(embedded_dir, monkeypatch):
 
     monkeypatch.setattr(model_source, "_convert_embedded", fail)
     assert str(model_source.embedded_model_dir()) == embedded_dir
+
+
+def test_generate_tp2_prints_the_same_completion(embedded_dir):
+    """`--tp 2` runs a gang of two Ray actors on a local cluster; the output contract is unchanged."""
+    args = [sys.executable, "-m", "pdserve", "generate", "--dtype", "float32", "--max-tokens", "12", "--chat",
+            "What is the capital of France?"]
+    single = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    gang = subprocess.run([*args, "--tp", "2"], capture_output=True, text=True, timeout=300)
+    assert single.returncode == gang.returncode == 0, gang.stderr
+    assert gang.stdout == single.stdout and "Paris" in gang.stdout
