@@ -102,21 +102,23 @@ def _format_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: object, source: str = "<config>") -> DeploymentConfig:
+def parse_config(data: object, source: str = "<config>", overrides: dict | None = None) -> DeploymentConfig:
+    """Validate `data` (a parsed YAML document) with `overrides` on top of it."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: <top level>: expected a mapping, got {type(data).__name__}")
     try:
-        return DeploymentConfig.model_validate(data)
+        return DeploymentConfig.model_validate({**data, **(overrides or {})})
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
 
 
 def load_config(path: str | Path | None = None, **overrides: object) -> DeploymentConfig:
-    """Load a deployment file (None: the embedded default) and apply keyword overrides."""
+    """Load a deployment file (None: the embedded default) and apply the keyword overrides that are not None."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if path is None:
-        return parse_config({k: v for k, v in overrides.items() if v is not None}, "<defaults>")
+        return parse_config({}, "<defaults>", overrides)
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -124,6 +126,4 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Deployme
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if overrides:
-        data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), overrides)

@@ -58,3 +58,10 @@ def test_overrides_apply_and_validate():
     assert isinstance(load_config(None), DeploymentConfig)
     with pytest.raises(ConfigError, match="block_size"):
         load_config(None, block_size=6)
+
+
+def test_overrides_on_a_file_that_is_not_a_mapping_name_the_problem(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="list.yaml: <top level>: expected a mapping, got list"):
+        load_config(bad, model="m", dtype=None)
