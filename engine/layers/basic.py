@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdserve.engine.layers.loading import copy_into, full
 from pdserve.kernels import ops
 from pdserve.kernels.rope import build_cos_sin_cache
 
@@ -14,9 +13,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        copy_into(param, full(loaded))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
