@@ -64,7 +64,7 @@ class Scheduler:
             budget -= n
             i += 1
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            self._admit_waiting(budget, scheduled)
         return SchedulerOutput(scheduled, preempted)
 
     def _make_room(self, req: Request, n: int, preempted: list[Request]) -> bool:
@@ -84,7 +84,7 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -96,7 +96,6 @@ class Scheduler:
             self.running.append(req)
             scheduled.append((req, n))
             budget -= n
-        return budget
 
     def update(self, output: SchedulerOutput, sampled: dict[Request, int]) -> list[Request]:
         """Advance the requests of a finished step; return those that finished."""
