@@ -48,9 +48,12 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the whole sequence each step."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
 
     @property
     def is_finished(self) -> bool:

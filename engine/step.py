@@ -31,7 +31,7 @@ class StepBatch:
         ids, pos, slots, q_start, seq_lens, logit_rows, tables = [], [], [], [0], [], [], []
         for req, n in plan.scheduled:
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            ids += req.all_token_ids[start:end]
+            ids += req.token_ids_range(start, end)
             pos += range(start, end)
             table = req.block_table
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]

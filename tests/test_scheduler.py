@@ -93,3 +93,9 @@ def test_stop_token_and_eos():
     run_step(sched)
     assert r.status == e.status == RequestStatus.FINISHED_STOPPED
     assert i.status == RequestStatus.RUNNING
+
+
+def test_token_ids_range_spans_prompt_and_output():
+    r = Request("r", [3, 4, 5], SamplingParams(), output_token_ids=[6, 7])
+    ranges = [(0, 2), (1, 5), (2, 4), (3, 5), (4, 5)]
+    assert [r.token_ids_range(s, e) for s, e in ranges] == [[3, 4], [4, 5, 6, 7], [5, 6], [6, 7], [7]]
