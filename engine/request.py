@@ -44,10 +44,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
     def token_ids_range(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole sequence each step."""
         num_prompt = len(self.prompt_token_ids)
