@@ -21,9 +21,9 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+    def __init__(self, num_kv_heads: int, head_dim: int, sliding_window: int | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim  # this rank's KV heads: they size its cache
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, Hkv, block_size, D], bound by the runner

@@ -36,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = RotaryEmbedding(d, max_positions, spec.rope_theta, spec.rope_scaling)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d, spec.sliding_window)
+        self.attn = Attention(self.num_kv_heads, d, spec.sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]
