@@ -48,13 +48,13 @@ class ModelRunner:
             layer.kv_cache = self.kv_cache[i]
         self.max_model_len = self._max_model_len(max_positions)
         self.sampler = Sampler()
+        max_blocks = -(-self.max_model_len // self.block_size)  # the widest block table a step can carry
         if device.type == "cuda":
-            max_blocks = -(-self.max_model_len // self.block_size)
             size = StepBatch.max_packed_size(config.max_num_batched_tokens, config.max_num_seqs, max_blocks)
             self.staging = PinnedStaging(size, device)
         if device.type == "cuda" and config.enable_cuda_graphs:
-            self.graphs = CudaGraphRunner(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
-                                          self.num_blocks, self.block_size, device)
+            self.graphs = CudaGraphRunner(self.model, config.max_num_seqs, max_blocks, self.num_blocks,
+                                          self.block_size, device)
 
     def block_bytes(self) -> int:
         return 2 * self.spec.num_layers * self.num_kv_heads * self.block_size * self.spec.head_dim * self.dtype.itemsize
@@ -121,9 +121,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows."""
-        if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch.to(self.device, self.staging))
         batch = batch.to(self.device, self.staging)
+        if self.graphs is not None and self.graphs.can_run(batch):  # shapes only: no sync
+            return self.graphs.run(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
         return self.model.compute_logits(hidden[batch.logits_indices])
 
