@@ -69,9 +69,9 @@ def _block_copy_kernel(
 
 def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, layers: Range, heads: Range,
           to_buf: bool) -> None:
+    assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, "kv_cache: [L, 2, N, Hkv, Bs, D]"
     view = _view(kv_cache, layers, heads)
     num_layers, _, _, num_heads, block_size, head_dim = view.shape
-    assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, "kv_cache: [L, 2, N, Hkv, Bs, D]"
     assert view.stride(-1) == 1 and view.stride(-2) == head_dim, "kv_cache: each [Bs, D] slice contiguous"
     assert block_ids.dim() == 1 and block_ids.dtype == torch.int64, "block_ids: [n] int64"
     want = (num_layers, 2, block_ids.shape[0], num_heads, block_size, head_dim)

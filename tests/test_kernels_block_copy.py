@@ -54,3 +54,10 @@ def test_triton(layers, heads, dtype, poisoned):
 @pytest.mark.parametrize("layers,heads", [(None, None), ((8, 24), (2, 6))])
 def test_gpu(layers, heads, poisoned):
     check((32, 2, 4096, 8, 16, 128), 1000, layers, heads, torch.bfloat16, DEVICE)
+
+
+def test_wrong_cache_rank_is_named():
+    cache = torch.zeros(2, 10, 4, 4, 8)  # one layer's [2, N, Hkv, Bs, D], not the whole [L, 2, N, Hkv, Bs, D]
+    ids = torch.tensor([1, 2])
+    with pytest.raises(AssertionError, match=r"kv_cache: \[L, 2, N, Hkv, Bs, D\]"):
+        block_copy.gather_blocks_into_triton(cache, ids, torch.empty(2, 2, 2, 4, 8))
