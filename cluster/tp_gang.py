@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -19,6 +18,7 @@ from pdserve.cluster.tp_rank import TPRank
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import run_to_completion
 from pdserve.engine.model_config import load_model_spec
+from pdserve.engine.model_runner import wants_cuda
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import PdserveError, WorkerFailedError
@@ -36,14 +36,12 @@ _RemoteRank = ray.remote(TPRank)
 
 
 class TPGang:
-    def __init__(self, config: DeploymentConfig, tp_size: int, use_gpus: bool | None = None):
+    def __init__(self, config: DeploymentConfig, tp_size: int):
         path = resolve_model(config.model)  # convert the embedded model once, here, not per rank
         self.config = config.model_copy(update={"model": str(path)})
         self.spec = load_model_spec(path)
         self.tp_size = tp_size
-        if use_gpus is None:
-            use_gpus = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        self.use_gpus = use_gpus
+        self.use_gpus = wants_cuda(config)
         self.timeout = config.rank_timeout_s
         self._start()
 

@@ -18,7 +18,7 @@ from pdserve.cluster.step_channel import StepChannel
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_config import load_model_spec
-from pdserve.engine.model_runner import ModelRunner, pick_device
+from pdserve.engine.model_runner import ModelRunner, pick_device, wants_cuda
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.step import StepBatch
@@ -61,7 +61,7 @@ class TPRank:
     def join(self, host: str, port: int) -> None:
         if self.store is None:
             self.store = dist.TCPStore(host, port, self.size, False, timeout=self.timeout)
-        backend = "nccl" if self._use_cuda() else "gloo"
+        backend = "nccl" if wants_cuda(self.config) else "gloo"
         dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.size,
                                 timeout=self.timeout)
         self.channel = None
@@ -79,9 +79,6 @@ class TPRank:
         max_len = c.max_model_len or load_model_spec(resolve_model(c.model)).max_position_embeddings
         width = -(-max_len // c.block_size)
         return StepBatch.max_packed_size(c.max_num_batched_tokens, c.max_num_seqs, width)
-
-    def _use_cuda(self) -> bool:
-        return self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available())
 
     def load(self) -> dict:
         device = pick_device(self.config)

@@ -18,8 +18,13 @@ from pdserve.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def wants_cuda(config: DeploymentConfig) -> bool:
+    """`device: cuda`, or `auto` where this process sees a CUDA device."""
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
 def pick_device(config: DeploymentConfig) -> torch.device:
-    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+    if not wants_cuda(config):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' asked for, but no CUDA device is visible")
