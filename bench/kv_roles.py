@@ -10,87 +10,22 @@ from __future__ import annotations
 import datetime
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from pdserve.bench import kv_timeline
+from pdserve.bench.kv_probe import describe, host_latencies
+from pdserve.bench.kv_setup import RECEIVER, SENDER, Staging, checksum, make_cache
 from pdserve.bench.kv_stages import Peer, Stages
 from pdserve.kv_transfer import (
     Destination,
-    KVLayout,
     KVReceiver,
     KVSender,
-    TransferConfig,
     TransferState,
     TransportKind,
 )
 from pdserve.kv_transfer.torch_dist import make_group
-
-SENDER, RECEIVER = 0, 1
-
-
-@dataclass(frozen=True)
-class Shape:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str
-
-    def block_bytes(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * \
-            getattr(torch, self.dtype).itemsize
-
-
-LLAMA3_8B = Shape(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
-TINY = Shape(num_layers=4, num_kv_heads=2, head_dim=32, block_size=16, dtype="bfloat16")
-
-
-@dataclass(frozen=True)
-class Staging:
-    """One staging configuration: buffers x MiB, first/last messages tapered down to taper_mib (0: off);
-    spin: the receiver spins for headers (TransferConfig.spin_for_header)."""
-
-    buffers: int
-    mib: int
-    taper_mib: float
-    spin: bool = False
-
-    @classmethod
-    def parse(cls, text: str, default_taper_mib: float, default_spin: bool = False) -> Staging:
-        """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8+spin' or '4x256+block'."""
-        text, _, wait = text.partition("+")
-        size, _, taper = text.partition("/")
-        buffers, _, mib = size.partition("x")
-        spin = {"spin": True, "block": False, "": default_spin}[wait]
-        return cls(int(buffers), int(mib), float(taper) if taper else default_taper_mib, spin)
-
-    def __str__(self) -> str:
-        return f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "")
-
-    def config(self, stage_timeout: float) -> TransferConfig:
-        return TransferConfig(timeout_s=stage_timeout, connect_timeout_s=stage_timeout, idle_timeout_s=600,
-                              staging_buffers=self.buffers, staging_bytes=self.mib << 20,
-                              taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin)
-
-
-def make_cache(args, rank: int, device: torch.device) -> tuple[torch.Tensor, KVLayout]:
-    s = args.shape
-    num_blocks = 2 * max(args.all_sizes) // s.block_size  # twice what the largest prompt needs: ids spread out
-    cache = torch.empty(s.num_layers, 2, num_blocks, s.num_kv_heads, s.block_size, s.head_dim,
-                        dtype=getattr(torch, s.dtype), device=device)
-    if rank == SENDER:
-        cache.normal_()
-    else:
-        cache.zero_()
-    return cache, KVLayout.of_cache(cache, "llama-3-8b-shape", s.num_kv_heads, 1, 0)
-
-
-def checksum(cache: torch.Tensor, ids: list[int]) -> int:
-    """Exact and order-independent: the blocks' 16-bit patterns summed as integers, a layer at a time."""
-    index = torch.tensor(ids, device=cache.device)
-    return sum(layer.index_select(1, index).view(torch.int16).to(torch.int64).sum().item() for layer in cache)
 
 
 def wait_received(work, device: torch.device, stages: Stages) -> None:
@@ -126,7 +61,11 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
     while (msg := stages.recv(pipe)) is not None:
         stages.enter(msg["stage"], msg["timeout_s"], quiet=msg["stage"] == last)  # logged once per stage
         last = msg["stage"]
-        if msg["op"] == "configure":  # the sender has closed its pairs: rebuild the receivers
+        if msg["op"] == "probe":
+            probe = host_latencies(device, store)
+            stages.log(describe("receiver", probe))
+            pipe.send(probe)
+        elif msg["op"] == "configure":  # the sender has closed its pairs: rebuild the receivers
             for r in receivers.values():
                 r.close()
             config = Staging(*msg["staging"]).config(args.stage_timeout)
@@ -143,13 +82,14 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
         else:
             kind, tid, n = TransportKind(msg["kind"]), msg["tid"], msg["blocks"]
             ids = random.sample(range(num_blocks), n)
-            receivers[kind].expect(tid, ids, timeout_s=stages.left())
+            receivers[kind].expect(tid, ids, timeout_s=stages.left(), trace=msg["trace"])
             pipe.send("ready")
             result = receivers[kind].wait(tid, stages.left() + 1.0)
             if result.state is not TransferState.DONE:
                 raise RuntimeError(f"receiver: stage '{stages.name}': transfer {tid} {result.state.value}: "
                                    f"{result.error}")
-            pipe.send((result.finished_at, checksum(cache, ids) if msg["verify"] else None))
+            timeline = result.trace.timeline() if result.trace is not None else None  # after the clock stopped
+            pipe.send((result.finished_at, checksum(cache, ids) if msg["verify"] else None, timeline))
         stages.enter("waiting for the sender", 4 * args.stage_timeout, quiet=True)
     stages.enter("closing", args.stage_timeout)
     for r in receivers.values():
@@ -158,22 +98,26 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
         group.abort()
 
 
-def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify) -> float:
+def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False) -> tuple[float, dict | None]:
+    """Seconds from start_send to the receiver's finished_at; with trace, both sides' marks as well."""
     stages = peer.stages
     ids = random.sample(range(cache.shape[2]), n)
-    peer.ask_ready("kv", kind=kind.value, tid=tid, blocks=n, verify=verify)
+    peer.ask_ready("kv", kind=kind.value, tid=tid, blocks=n, verify=verify, trace=trace)
     if cache.is_cuda:
         torch.cuda.current_stream().synchronize()
-    start = time.monotonic()
-    sender.start_send(tid, dest, ids, timeout_s=stages.left())
+    start_ns = time.monotonic_ns()
+    sender.start_send(tid, dest, ids, timeout_s=stages.left(), trace=trace)
     sender.save_kv(tid)
-    end, remote_sum = peer.answer()
+    end, remote_sum, remote_marks = peer.answer()
     result = sender.wait_for_save(tid, stages.left() + 1.0)
     if result.state is not TransferState.DONE:
         raise RuntimeError(f"sender: stage '{stages.name}': transfer {tid} {result.state.value}: {result.error}")
     if verify and remote_sum != checksum(cache, ids):
         raise RuntimeError(f"stage '{stages.name}': {kind.value}: destination blocks differ from source")
-    return end - start
+    marks = None
+    if trace:
+        marks = {"tid": tid, "origin_ns": start_ns, "send": result.trace.timeline(), "recv": remote_marks}
+    return end - start_ns / 1e9, marks
 
 
 def timed_baseline(peer: Peer, group, buf: torch.Tensor) -> float:
@@ -198,10 +142,10 @@ class SenderRun:
         self.cache, self.layout = make_cache(args, SENDER, device)
         checksum(self.cache, [0])  # loads the checksum's kernels now, before any transfer is in flight
         stages.enter("waiting for the receiver's store", 2 * args.stage_timeout)
-        store = dist.TCPStore("127.0.0.1", stages.recv(pipe), is_master=False, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=args.stage_timeout))
+        self.store = dist.TCPStore("127.0.0.1", stages.recv(pipe), is_master=False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=args.stage_timeout))
         stages.enter("creating the baseline group", args.stage_timeout)
-        self.group = make_group(store, 0, SENDER, device, "127.0.0.1", 4 * args.stage_timeout,
+        self.group = make_group(self.store, 0, SENDER, device, "127.0.0.1", 4 * args.stage_timeout,
                                 stages.deadline)
         stages.log("baseline group created")
         self.peer = Peer(pipe, stages)
@@ -248,15 +192,43 @@ class SenderRun:
                 times = []
                 for i in range(warmup + iters):
                     self.tid += 1
-                    times.append(timed_kv(self.peer, sender, dest, self.cache, kind, self.tid, n, i == 0))
+                    times.append(timed_kv(self.peer, sender, dest, self.cache, kind, self.tid, n, i == 0)[0])
                 row[f"{kind.value}_GBps"] = nbytes / median(times[-iters:]) / 1e9
                 stages.log(f"{kind.value} {tokens} tokens: {row[f'{kind.value}_GBps']:.2f} GB/s")
+                if kind is TransportKind.TORCH and args.trace:
+                    row["trace"] = self.traced(sender, dest, row, median(times[-iters:]))
             row["ratio"] = row["torch_GBps"] / row["baseline_GBps"]
             rows.append(row)
             report(row)
         stages.enter(f"closing the sender of staging {staging}", args.stage_timeout)
         sender.close()  # first: its pairs end cleanly before the receiver rebuilds or goes
         return rows
+
+    def traced(self, sender, dest, row: dict, untraced_s: float) -> dict:
+        """`--iters` more transfers, traced on both sides; the timeline of the median one (kv_timeline)."""
+        stages, iters = self.stages, self.args.iters
+        stages.enter(f"torch {row['tokens']} tokens, {iters} traced transfers", self.args.stage_timeout)
+        runs = []
+        for _ in range(iters):
+            self.tid += 1
+            runs.append(timed_kv(self.peer, sender, dest, self.cache, TransportKind.TORCH, self.tid,
+                                 row["blocks"], False, trace=True))
+        runs.sort(key=lambda run: run[0])
+        seconds, marks = runs[len(runs) // 2]
+        t = kv_timeline.analyse(marks["send"], marks["recv"], marks["origin_ns"],
+                                row["bytes"] / (row["baseline_GBps"] * 1e9) * 1e6)
+        t.update(tokens=row["tokens"], bytes=row["bytes"], transfer_id=marks["tid"], traced=iters,
+                 duration_us=round(seconds * 1e6, 1),
+                 untraced_median_us=round(untraced_s * 1e6, 1))
+        return t
+
+    def probe(self) -> dict:
+        """Host latencies of both processes (kv_probe), the receiver's first; logged as they come."""
+        self.stages.enter("probing host latencies", 2 * self.args.stage_timeout)
+        probes = {"receiver": self.peer.ask("probe")}
+        probes["sender"] = host_latencies(self.device, self.store)
+        self.stages.log(describe("sender", probes["sender"]))
+        return probes
 
     def close(self) -> None:
         self.stages.enter("closing", self.args.stage_timeout)

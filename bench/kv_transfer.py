@@ -25,8 +25,11 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pdserve.bench.kv_roles import LLAMA3_8B, RECEIVER, SENDER, TINY, SenderRun, Staging, receiver_main
+from pdserve.bench.kv_probe import describe
+from pdserve.bench.kv_roles import SenderRun, receiver_main
+from pdserve.bench.kv_setup import LLAMA3_8B, RECEIVER, SENDER, TINY, Staging
 from pdserve.bench.kv_stages import Stages
+from pdserve.bench.kv_timeline import format_trace
 from pdserve.kv_transfer import TransferConfig, TransportKind
 
 # NVLink SHARP / multicast stay off on the benchmark machines (every process inherits these).
@@ -58,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spin-for-header", action="store_true",
                    help="main table: the receiver spins for each header instead of sleeping until it lands "
                         "(TransferConfig.spin_for_header; a sweep entry says it with a '+spin' suffix)")
+    p.add_argument("--trace", action="store_true",
+                   help="main table: after each size's timed transfers, --iters more traced on both sides "
+                        "(TransferConfig.trace); print the median one's timeline, stage by stage, and where "
+                        "its time went (also in the JSON)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="BxMIB[/TAPER][+spin],...",
                    help=f"then time these staging configurations, NCCL only (default {DEFAULT_SWEEP}; cpu: "
                         f"2x1/0,4x1/0.0625)")
@@ -89,7 +96,7 @@ class Report:
     """The tables on stdout, a row as soon as it is measured, and kv_transfer.json rewritten after each row."""
 
     def __init__(self, args):
-        self.args, self.rows, self.sweep = args, [], []
+        self.args, self.rows, self.sweep, self.probes = args, [], [], {}
         self.backend = "nccl" if args.device == "cuda" else "gloo"
         print(f"KV transfer, {args.shape}, staging {args.staging_buffers} x {args.staging.mib} MiB, "
               f"taper {args.staging.taper_mib:g} MiB, header wait {'spin' if args.staging.spin else 'block'}",
@@ -101,8 +108,15 @@ class Report:
         grpc = f"{r['grpc_GBps']:10.2f}" if "grpc_GBps" in r else f"{'-':>10}"
         print(f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
               f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f} {grpc}", flush=True)
+        if "trace" in r:
+            print(format_trace(r["trace"]), flush=True)
         self.rows.append(r)
         self.write(done=False)
+
+    def host_latencies(self, probes: dict) -> None:
+        self.probes = probes
+        for role, probe in probes.items():
+            print(describe(role, probe), flush=True)
 
     def sweep_header(self) -> None:
         print("sweep: staging BUFFERS x MiB / taper MiB [+spin: receiver spins for headers]", flush=True)
@@ -123,7 +137,8 @@ class Report:
         record = {"shape": vars(args.shape), "device": args.device, "staging_mib": args.staging.mib,
                   "staging_buffers": args.staging.buffers, "taper_mib": args.staging.taper_mib,
                   "spin_for_header": args.staging.spin,
-                  "iters": args.iters, "complete": done, "rows": self.rows, "sweep": self.sweep}
+                  "iters": args.iters, "complete": done, "host_latencies": self.probes, "rows": self.rows,
+                  "sweep": self.sweep}
         if args.device == "cuda":
             record["gpus"] = [torch.cuda.get_device_name(i) for i in range(2)]
         path = args.out / "kv_transfer.json"
@@ -135,6 +150,7 @@ class Report:
 def sender_main(args, pipe, device: torch.device, stages: Stages) -> None:
     report = Report(args)
     run = SenderRun(args, pipe, device, stages)
+    report.host_latencies(run.probe())
     run.measure_baselines(args.all_sizes)
     kinds = [TransportKind.TORCH] + ([] if args.skip_grpc else [TransportKind.GRPC])
     run.measure(args.staging, args.sizes, kinds, report.row)

@@ -152,6 +152,9 @@ class TransferResult:
     duration_s: float  # from expect() / start_send() to the end
     finished_at: float  # time.monotonic() at the end (one clock for every process on a host)
     error: str | None = None
+    # When traced (TransferConfig.trace, or trace= per call): this side's kv_transfer.trace.Trace; read its
+    # timeline() once the transfer ended. None otherwise.
+    trace: object | None = None
 
 
 @dataclass
@@ -210,3 +213,7 @@ class TransferConfig:
     # signals (no CPU used however late the sender starts; the wake-up costs more). True: it spins a CPU
     # core in the driver until the header lands (wakes within microseconds).
     spin_for_header: bool = False
+    # Record a timeline of every transfer (kv_transfer/trace.py): host stamps and CUDA timing events at each
+    # stage, returned in TransferResult.trace. Off: no clock reads, no events. start_send / expect can
+    # also turn it on for one transfer.
+    trace: bool = False

@@ -72,6 +72,7 @@ class PairWorker:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             while (item := self._next()) is not None:
                 out, part = item
+                out.trace.mark("pair thread picked it up")
                 try:
                     self.sender.part_done(out, self._send(out, part))
                 except Exception as e:  # noqa: BLE001 - whatever broke, this transfer fails with the reason
@@ -88,13 +89,20 @@ class PairWorker:
         it did, the posted sends can never complete: the group is aborted (which ends them) and the
         transfer is sent again, once, over a new pair.
         """
+        tr = out.trace
         for attempt in range(2):
             link = self._ensure_link(out.transfer_id, out.deadline)
+            tr.mark("link ready")
             num_bytes = self._post(out, part, link)
-            if not getattr(link, "check_after_posting", False) or attempt or link.is_open():
+            if not getattr(link, "check_after_posting", False):
+                break
+            is_open = attempt or link.is_open()
+            tr.mark("receiver-closed check (store round trip)")
+            if is_open:
                 break
             self._drop_link(graceful=False)
         link.flush(out.deadline)
+        tr.mark("every send completed (host saw it)")
         return num_bytes
 
     def _post(self, out, part: SendSlice, link) -> int:
@@ -110,16 +118,23 @@ class PairWorker:
         unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
         taper = sender.config.taper_bytes // unit if self.endpoint.kind is TransportKind.TORCH else 0
         header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
+        tr = out.trace
+        tr.mark("header built")
         link.begin(header, out.deadline)
+        tr.mark("header posted")
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
         # Made here, on this worker's stream, so the prefill stream never waits for the copy.
         index = device_index(out.block_ids, sender.kv_cache.device)  # [n]
+        tr.mark("block ids staged")
+        # device: sends complete on the link's stream (NCCL), not on this one
+        done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
-        for msg in message_plan(layout.num_layers, header):
+        for k, msg in enumerate(message_plan(layout.num_layers, header)):
             out.wait_layers(waited, msg.layers[1], out.deadline)
             waited = max(waited, msg.layers[1])
             buf = sender.staging.acquire(out.deadline)
+            tr.mark("layers ready, staging acquired | gather may start", k, gpu=True)
             sent = None
             try:
                 shape = (msg.layers[1] - msg.layers[0], 2, msg.blocks[1] - msg.blocks[0],
@@ -127,7 +142,9 @@ class PairWorker:
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
                                        msg.layers, local_heads)
+                tr.mark("gather launched | done", k, gpu=True)
                 sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
+                tr.mark("send posted | done", k, gpu=done_stream is not None, stream=done_stream)
             finally:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes

@@ -5,12 +5,12 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import ops
+from pdserve.kv_transfer.incoming import Incoming
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import (
     MessagePart,
@@ -22,27 +22,10 @@ from pdserve.kv_transfer.messages import (
     TransportKind,
 )
 from pdserve.kv_transfer.staging import StagingPool, device_index, pinned_index
+from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
-
-
-@dataclass
-class _Incoming:
-    transfer_id: int
-    block_ids: list[int]
-    deadline: float
-    units_left: int  # (layer, head, block) triples still to arrive
-    units_unclaimed: int = 0  # triples no received header has announced yet (a pair may still bring them)
-    start: float = field(default_factory=time.monotonic)
-    state: TransferState = TransferState.WAITING
-    num_bytes: int = 0
-    conns: set[int] = field(default_factory=set)
-    # CUDA: the latest scatter enqueued on each side stream (one per pair delivering to this transfer)
-    scatters: dict[int, torch.cuda.Event] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # orders scatters against failure
-    pinned_ids: torch.Tensor | None = None  # CUDA: [n] int64 in pinned host memory, made by expect()
-    block_index: torch.Tensor | None = None  # [n] int64 on the cache's device, made by the first scatter
 
 
 class KVReceiver:
@@ -62,13 +45,14 @@ class KVReceiver:
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
         self._release = release_blocks
         self._lock = threading.Condition()
-        self._active: dict[int, _Incoming] = {}
+        self._active: dict[int, Incoming] = {}
         self._finished: collections.OrderedDict[int, TransferResult] = collections.OrderedDict()
         self._uncollected: list[TransferResult] = []
         self._rejected: collections.OrderedDict[int, str] = collections.OrderedDict()
-        self._quarantine: list[_Incoming] = []  # failed, waiting for enqueued scatters before release
+        self._quarantine: list[Incoming] = []  # failed, waiting for enqueued scatters before release
         self._conn_ids = iter(range(1, 1 << 62))
         self._closed = threading.Event()
+        self._traced = 0  # traced transfers expected and not finished (pairs then trace their headers)
         self._ingest = _make_ingest(transport, self, host)
         self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
         self._watchdog.start()
@@ -79,20 +63,26 @@ class KVReceiver:
         return self._ingest.endpoint
 
     # ---- scheduler-facing ----------------------------------------------------------------------------
-    def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None) -> None:
-        """Wait for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline."""
+    def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None,
+               trace: bool | None = None) -> None:
+        """Wait for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline.
+        `trace`: record its timeline (default: config.trace)."""
+        tr = start_trace(self.config.trace if trace is None else trace, "recv", self.kv_cache.device,
+                         "expect called")
         n = len(block_ids)
         units = self.layout.num_layers * self.layout.num_local_heads * n
-        inc = _Incoming(transfer_id, list(block_ids), time.monotonic() + (timeout_s or self.config.timeout_s),
-                        units_left=units, units_unclaimed=units)
+        inc = Incoming(transfer_id, list(block_ids), time.monotonic() + (timeout_s or self.config.timeout_s),
+                       units_left=units, units_unclaimed=units, trace=tr)
         if self.kv_cache.is_cuda:  # the host half of device_index now, off the transfer's critical path
             inc.pinned_ids = pinned_index(inc.block_ids)
         with self._lock:
             if transfer_id in self._active or transfer_id in self._finished:
                 raise TransferError(f"transfer {transfer_id} is already known to this receiver")
             self._active[transfer_id] = inc
+            self._traced += tr.enabled
             rejected = self._rejected.pop(transfer_id, None)
             self._lock.notify_all()
+        tr.mark("expect: pair threads woken")
         self.stats.add(transfers_started=1)
         if rejected is not None:
             self._fail(inc, rejected)
@@ -109,6 +99,13 @@ class KVReceiver:
 
         with self._lock:
             return self._lock.wait_for(ready, timeout_s) and not stop.is_set()
+
+    def pending_trace(self):
+        """Transports: where a pair marks a header's stages before it knows the transfer (Trace.absorb then
+        moves them); NO_TRACE unless a traced transfer is expected."""
+        if self._traced or self.config.trace:
+            return Trace("recv", self.kv_cache.device, anchor=False)
+        return NO_TRACE
 
     def wake(self) -> None:
         """Wake transport threads blocked in await_unclaimed (after setting their `stop`)."""
@@ -165,7 +162,7 @@ class KVReceiver:
         if inc is not None:
             self._fail(inc, reason)
 
-    def open_part(self, conn_id: int, header: TransferHeader) -> _Incoming:
+    def open_part(self, conn_id: int, header: TransferHeader) -> Incoming:
         """The expectation a sender's part belongs to; waits (bounded) for expect() if the sender is early."""
         deadline = time.monotonic() + self.config.timeout_s
         with self._lock:
@@ -191,7 +188,7 @@ class KVReceiver:
         return (part.layers[1] - part.layers[0], 2, part.blocks[1] - part.blocks[0],
                 header.heads[1] - header.heads[0], self.layout.block_size, self.layout.head_dim)
 
-    def scatter(self, inc: _Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
+    def scatter(self, inc: Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
         """Write one received message into the reserved blocks (enqueued, on CUDA); False if it already ended.
 
         The caller reports the message with landed() once the scatter has run.
@@ -214,7 +211,7 @@ class KVReceiver:
             inc.num_bytes += buf.numel() * buf.element_size()
         return True
 
-    def landed(self, inc: _Incoming, header: TransferHeader, parts: list[MessagePart]) -> None:
+    def landed(self, inc: Incoming, header: TransferHeader, parts: list[MessagePart]) -> None:
         """These scattered messages are in the blocks (CUDA: their scatters ran); DONE once all have."""
         units = sum(p.num_units(header.heads[1] - header.heads[0]) for p in parts)
         with inc.lock:
@@ -234,7 +231,7 @@ class KVReceiver:
             self._fail(inc, f"connection to the sender was lost: {reason}")
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _fail(self, inc: _Incoming, reason: str) -> None:
+    def _fail(self, inc: Incoming, reason: str) -> None:
         with inc.lock:
             if inc.state.finished:
                 return
@@ -242,17 +239,20 @@ class KVReceiver:
         for conn_id in inc.conns:
             self._ingest.drop_conn(conn_id)
         self._finish(inc, TransferState.FAILED, reason)
-        if not _scatters_done(inc):
+        if not inc.scatters_done():
             with self._lock:
                 self._quarantine.append(inc)
         else:
             self._release(inc.block_ids)
 
-    def _finish(self, inc: _Incoming, state: TransferState, error: str | None) -> None:
+    def _finish(self, inc: Incoming, state: TransferState, error: str | None) -> None:
         # The caller has already moved inc.state to `state` under inc.lock (so exactly one caller gets here).
+        inc.trace.mark("DONE (finished_at)" if state is TransferState.DONE else "FAILED")
         now = time.monotonic()
-        result = TransferResult(inc.transfer_id, state, inc.num_bytes, now - inc.start, now, error)
+        result = TransferResult(inc.transfer_id, state, inc.num_bytes, now - inc.start, now, error,
+                                inc.trace if inc.trace.enabled else None)
         with self._lock:
+            self._traced -= inc.trace.enabled
             self._active.pop(inc.transfer_id, None)
             self._finished[inc.transfer_id] = result
             while len(self._finished) > _FINISHED_KEPT:
@@ -273,16 +273,11 @@ class KVReceiver:
                     missing = f"{inc.units_left} (layer, head, block) units missing"
                     self._fail(inc, f"timed out after {now - inc.start:.1f}s ({missing})")
             for inc in quarantine:
-                if _scatters_done(inc):
+                if inc.scatters_done():
                     self._release(inc.block_ids)
                 else:
                     with self._lock:
                         self._quarantine.append(inc)
-
-
-def _scatters_done(inc: _Incoming) -> bool:
-    with inc.lock:
-        return all(event.query() for event in inc.scatters.values())
 
 
 def _make_ingest(kind: TransportKind, receiver: KVReceiver, host: str):

@@ -21,6 +21,7 @@ from pdserve.kv_transfer.messages import (
 from pdserve.kv_transfer.pair_worker import PairWorker
 from pdserve.kv_transfer.plan import plan_sends
 from pdserve.kv_transfer.staging import StagingPool
+from pdserve.kv_transfer.trace import NO_TRACE, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
 _FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
@@ -41,6 +42,7 @@ class Outgoing:
     # CUDA: per saved layer, the event recorded when it was saved (layers saved together share one)
     layer_events: list = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    trace: object = NO_TRACE  # a kv_transfer.trace.Trace when traced
 
     def wait_layers(self, start: int, upto: int, deadline: float) -> None:
         """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on the events
@@ -84,17 +86,22 @@ class KVSender:
         self._workers: dict = {}  # Endpoint -> PairWorker
 
     def start_send(self, transfer_id: int, dest: Destination, block_ids: list[int],
-                   timeout_s: float | None = None) -> None:
-        """Register a transfer of `block_ids` to the gang `dest`; nothing moves until layers are saved."""
+                   timeout_s: float | None = None, trace: bool | None = None) -> None:
+        """Register a transfer of `block_ids` to the gang `dest`; nothing moves until layers are saved.
+        `trace`: record its timeline (default: config.trace)."""
+        tr = start_trace(self.config.trace if trace is None else trace, "send", self.kv_cache.device,
+                         "start_send called")
         slices = plan_sends(self.layout, len(dest.endpoints))
         deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
-        out = Outgoing(transfer_id, list(block_ids), deadline, parts_left=len(slices))
+        out = Outgoing(transfer_id, list(block_ids), deadline, parts_left=len(slices), trace=tr)
+        tr.mark("plan built")
         with self._lock:
             if transfer_id in self._active or transfer_id in self._finished:
                 raise TransferError(f"transfer {transfer_id} is already known to this sender")
             self._active[transfer_id] = out
             for s in slices:
                 self._worker(dest.endpoints[s.dst_rank], s.dst_rank, len(dest.endpoints)).submit(out, s)
+        tr.mark("queued to pair threads")
         self.stats.add(transfers_started=1)
         if not slices:  # this rank holds no head that the chosen plan takes from it
             self._finish(out, TransferState.DONE, None)
@@ -114,6 +121,9 @@ class KVSender:
         if self.kv_cache.is_cuda:
             event = torch.cuda.Event()
             event.record()
+        # device: when the saving stream got here (the layers were written)
+        out.trace.mark("save_kv called | layers written" if first is None else "save_kv_layer called | written",
+                       first, gpu=True)
         with out.cond:
             if first is not None and first != out.layers_ready:
                 raise TransferError(f"transfer {transfer_id}: layer {first} saved, "
@@ -194,8 +204,10 @@ class KVSender:
                 return
             out.state = state
             out.cond.notify_all()
+        out.trace.mark(state.name)
         now = time.monotonic()
-        result = TransferResult(out.transfer_id, state, out.num_bytes, now - out.start, now, error)
+        result = TransferResult(out.transfer_id, state, out.num_bytes, now - out.start, now, error,
+                                out.trace if out.trace.enabled else None)
         with self._lock:
             self._active.pop(out.transfer_id, None)
             self._finished[out.transfer_id] = result

@@ -140,6 +140,11 @@ class TorchDistLink:
         # CUDA: where send completions are awaited (see send)
         self._sent = torch.cuda.Stream(device) if self._cuda else None
 
+    @property
+    def completion_stream(self) -> torch.cuda.Stream | None:
+        """CUDA: the stream on which each send's completion is awaited (a trace marks it there)."""
+        return self._sent
+
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
         remote = self._handshake.exchange(local, transfer_id, deadline)
         connect_deadline = min(deadline, time.monotonic() + self.config.connect_timeout_s)

@@ -15,6 +15,7 @@ from pdserve.kv_transfer.layout import KVLayout, check_match
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.pair_store import StoreListener, _td, closed_key
 from pdserve.kv_transfer.torch_dist import RECEIVER, SENDER, group_timeout_s, make_group, recv_header, wait_work
+from pdserve.kv_transfer.trace import NO_TRACE
 
 # An NCCL pair with no expected transfer re-checks this often whether it was dropped or went idle too long.
 _IDLE_CHECK_S = 0.2
@@ -26,6 +27,7 @@ class _Pair:
     dropped: threading.Event = field(default_factory=threading.Event)
     group: dist.ProcessGroup | None = None
     header_bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # NCCL: where headers land (device, host)
+    pending: object = NO_TRACE  # the next header's marks, until its transfer is known (kv_transfer.trace)
 
 
 class TorchDistIngest:
@@ -87,7 +89,10 @@ class TorchDistIngest:
                 self._teardown(pair)
 
     def _gloo_header(self, pair: _Pair, idle_deadline: float) -> list[int]:
-        return recv_header(pair.group, self.device, idle_deadline)
+        values = recv_header(pair.group, self.device, idle_deadline)
+        pair.pending = self.receiver.pending_trace()
+        pair.pending.mark("header received (host)")
+        return values
 
     def _nccl_header(self, pair: _Pair, idle_deadline: float) -> list[int] | None:
         """The pair's next header, received as an NCCL message; None once the pair is dropped.
@@ -110,13 +115,17 @@ class TorchDistIngest:
             pair.header_bufs = (torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device),
                                 torch.empty(HEADER_LEN, dtype=torch.int64, pin_memory=True))
         dev, host = pair.header_bufs
+        pair.pending = tr = self.receiver.pending_trace()
+        tr.mark("pair thread woken by expect")
         work = pair.group.recv([dev], SENDER, 0)
         work.wait()  # this stream waits for the receive
+        tr.mark("header recv posted | landed", gpu=True)
         host.copy_(dev, non_blocking=True)
         # The sender may start much later: sleep in the driver rather than spin, unless configured otherwise.
         arrived = torch.cuda.Event(blocking=not self.receiver.config.spin_for_header)
         arrived.record()
         sync_event(arrived, idle_deadline, lambda: self.drop_conn(pair.conn_id), "transfer header")
+        tr.mark("header seen by host (event wait returned)")
         if pair.dropped.is_set():
             return None
         return host.tolist()
@@ -131,17 +140,24 @@ class TorchDistIngest:
         """
         receiver, cuda = self.receiver, self.device.type == "cuda"
         inc = receiver.open_part(pair.conn_id, header)
+        tr = inc.trace
+        tr.absorb(pair.pending)
+        pair.pending = NO_TRACE
+        tr.mark("transfer known (open_part)")
         dtype = receiver.layout.torch_dtype
         parts = message_plan(receiver.layout.num_layers, header)
         on_scatter = (lambda: torch.cuda.stream(scatter)) if cuda else contextlib.nullcontext
-        for part in parts:
+        for k, part in enumerate(parts):
             buf = receiver.staging.acquire(inc.deadline)  # this stream waits until its last scatter ran
             try:
                 payload = buf.view(dtype, receiver.part_shape(header, part))  # [Lm, 2, nm, Hm, Bs, D]
                 work = pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0)  # posted from this stream
+                tr.mark("recv posted | may start", k, gpu=True)  # device: this stream let NCCL's go
                 with on_scatter():
                     wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
+                    tr.mark("recv awaited | done", k, gpu=True)  # gloo: the host waited for it
                     delivered = receiver.scatter(inc, header, part, payload)
+                    tr.mark("scatter launched | done", k, gpu=True)
             except BaseException:
                 receiver.staging.release(buf)
                 raise
@@ -153,6 +169,7 @@ class TorchDistIngest:
             done = torch.cuda.Event()  # polls; past the deadline the pair is dropped, which ends its receives)
             done.record(scatter)
             sync_event(done, inc.deadline, lambda: self.drop_conn(pair.conn_id), "KV scatter")
+            tr.mark("last scatter seen by host (event wait returned)")
         receiver.landed(inc, header, parts)
 
     def drop_conn(self, conn_id: int) -> None:
