@@ -8,7 +8,6 @@ step. Ranks > 0 sit in `serve_steps`, run the same forward in lockstep, and leav
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 
 import torch
@@ -51,6 +50,7 @@ class TPRank:
         self.store: dist.TCPStore | None = None
         self.engine: LLMEngine | None = None
         self.runner: ModelRunner | None = None
+        self.channel: StepChannel | None = None  # rank 0 writes each step there; the others read it
 
     def host_store(self) -> tuple[str, int]:
         """Rank 0: host the rendezvous store on a port the OS picks (gangs never collide)."""
@@ -64,7 +64,6 @@ class TPRank:
         backend = "nccl" if wants_cuda(self.config) else "gloo"
         dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.size,
                                 timeout=self.timeout)
-        self.channel = None
         if self.size > 1:
             if self.rank == 0:
                 self.channel = StepChannel.create(self._channel_capacity(), self.size - 1)
@@ -91,7 +90,7 @@ class TPRank:
             else:
                 self.engine = _GangEngine(self.config, self.runner, self.channel)
         return {"num_blocks": self.runner.num_blocks, "max_model_len": self.runner.max_model_len,
-                "pid": os.getpid(), "symmetric_all_reduce": tp.symmetric is not None}
+                "symmetric_all_reduce": tp.symmetric is not None}
 
     def serve_steps(self) -> int:
         """Ranks > 0: run every step rank 0 sends until STOP; return the number of steps."""
