@@ -43,6 +43,7 @@ class TPGang:
         self.tp_size = tp_size
         self.use_gpus = wants_cuda(config)
         self.timeout = config.rank_timeout_s
+        self.loops: list = []  # ranks > 0: their step loops, watched by every wait
         self._start()
 
     @classmethod
@@ -77,7 +78,7 @@ class TPGang:
         return self._wait_all([ref], timeout, what)[0]
 
     def _wait_all(self, refs: list, timeout: float, what: str) -> list:
-        watched = list(refs) + list(getattr(self, "loops", []))
+        watched = list(refs) + self.loops
         pending = list(refs)
         while pending:
             ready, _ = ray.wait(watched, num_returns=1, timeout=timeout)
