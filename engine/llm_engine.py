@@ -13,6 +13,7 @@ from pdserve.engine.model_runner import ModelRunner, pick_device
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.parallel import SINGLE
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampler import Logprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.step import StepBatch
@@ -88,17 +89,18 @@ class LLMEngine:
         out = self.runner.sample(logits, sampling)
         tokens = out.token_ids.tolist()  # the step's one host sync
         finished = self.scheduler.update(plan, dict(zip(sampling, tokens)))
-        return self._outputs(sampling, tokens, finished, out)
+        return self._outputs(sampling, tokens, finished, out.logprobs)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Run the model over one step (a TP gang's rank 0 also ships `batch` to its peers)."""
         return self.runner.forward(batch)
 
-    def _outputs(self, sampling, tokens, finished, out) -> list[RequestOutput]:
+    def _outputs(self, sampling: list[Request], tokens: list[int], finished: list[Request],
+                 logprobs: Logprobs | None) -> list[RequestOutput]:
         done = set(finished)
         results = []
-        for row, (req, tok) in enumerate(zip(sampling, tokens)):
-            lp = _row_logprobs(out, row, req.sampling_params.logprobs)
+        rows = _logprob_rows(logprobs, [req.sampling_params.logprobs for req in sampling])
+        for req, tok, lp in zip(sampling, tokens, rows):
             results.append(RequestOutput(req.request_id, [tok], req in done,
                                          req.status.value if req in done else None, lp))
             if req in done:
@@ -121,9 +123,11 @@ def run_to_completion(engine, prompts: list[list[int]], params: SamplingParams |
     return [outputs[i] for i in ids]
 
 
-def _row_logprobs(out, row: int, k: int | None) -> list[dict]:
-    if k is None or out.logprobs is None:
-        return []
-    lp = out.logprobs
-    top = dict(zip(lp.top_token_ids[row, :k].tolist(), lp.top_logprobs[row, :k].tolist()))
-    return [{"token_logprob": float(lp.token_logprobs[row]), "top": top}]
+def _logprob_rows(lp: Logprobs | None, wanted: list[int | None]) -> list[list[dict]]:
+    """Each row's logprobs entry ([] where not asked for). NOTE: one copy to the host per field for the
+    whole batch; indexing the device tensors row by row would sync once per row."""
+    if lp is None:
+        return [[] for _ in wanted]
+    chosen, top_ids, top_lps = lp.token_logprobs.tolist(), lp.top_token_ids.tolist(), lp.top_logprobs.tolist()
+    return [[] if k is None else [{"token_logprob": chosen[i], "top": dict(zip(top_ids[i][:k], top_lps[i][:k]))}]
+            for i, k in enumerate(wanted)]
