@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pdserve.config import load_config
+from pdserve.engine.model_config import ModelSpec
 from pdserve.engine.step import StepBatch
 
 DECODE_BATCHES = (1, 16, 64, 256)
@@ -64,14 +65,14 @@ def measure(engine, context: int, batches=DECODE_BATCHES) -> dict:
     return {"decode_s": decode, "prefill_s": prefill}
 
 
-def model_amounts(spec, tp: int, context: int) -> dict:
+def model_amounts(spec: ModelSpec, tp: int) -> dict:
     """Bytes read per decode step (weights + KV, per rank) and FLOPs of the 8 x 2048 prefill (whole model)."""
     d, h = spec.head_dim, spec.hidden_size
     attn = h * d * (spec.num_heads + 2 * spec.num_kv_heads) + spec.num_heads * d * h
     mlp = 3 * h * spec.intermediate_size
     layer_params = spec.num_layers * (attn + mlp)
     weight_bytes = 2 * (layer_params + spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)) / tp
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * d * 2 / tp
+    kv_per_token = spec.kv_bytes_per_token(torch.bfloat16) / tp
     seqs, seq = 8, 2048
     flops = 2 * seqs * seq * (layer_params + spec.vocab_size * h / seq)  # head only on the last token
     flops += seqs * spec.num_layers * 2 * seq * seq * spec.num_heads * d  # causal QK^T and PV
@@ -164,10 +165,10 @@ def main() -> int:
                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
     ceil = ceilings()
     res, spec = run_single(config, args.context, batches)  # TP=1 always: the in-run baseline for TP=N
-    rows = report("pdserve tp1", res, model_amounts(spec, 1, args.context), ceil, args.context)
+    rows = report("pdserve tp1", res, model_amounts(spec, 1), ceil, args.context)
     if args.tp > 1:
         res_tp, _ = run_gang(config, args.tp, args.context, batches)
-        amounts_tp = model_amounts(spec, args.tp, args.context)
+        amounts_tp = model_amounts(spec, args.tp)
         rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
         path = "symmetric one-shot (small) + NCCL (large)" if res_tp["symmetric_all_reduce"] else "NCCL only"
         print(f"tp{args.tp} all-reduce: {path}")
@@ -176,7 +177,7 @@ def main() -> int:
                          "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})
     if not args.no_hf:
         hf = hf_baseline(args.model, args.context, batches)
-        rows += report("transformers", hf, model_amounts(spec, 1, args.context), ceil, args.context)
+        rows += report("transformers", hf, model_amounts(spec, 1), ceil, args.context)
     copy_tb, gemm_tf = ceil["copy_bytes_per_s"] / 1e12, ceil["gemm_bf16_flop_per_s"] / 1e12
     print(f"copy {copy_tb:.2f} TB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
     print(f"{'engine':<16}{'case':<26}{'ms':>10}{'of ceiling':>12}")
