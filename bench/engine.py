@@ -118,7 +118,7 @@ def report(name: str, res: dict, amounts: dict, ceil: dict, context: int, num_gp
     return rows
 
 
-def run_single(config, context: int, batches) -> dict:
+def run_single(config, context: int, batches) -> tuple[dict, ModelSpec]:
     from pdserve.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(config)
@@ -129,7 +129,7 @@ def run_single(config, context: int, batches) -> dict:
     return res, spec
 
 
-def run_gang(config, tp: int, context: int, batches) -> dict:
+def run_gang(config, tp: int, context: int, batches) -> tuple[dict, ModelSpec]:
     import ray
 
     from pdserve.cluster.tp_gang import TPGang
