@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_pool_full, hf_greedy, make_engine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.step import StepBatch
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +30,7 @@ def teacher_forced_logits(engine, ids: list[int]) -> torch.Tensor:
     rid = engine.add_request(ids, SamplingParams(max_tokens=1))
     req = engine.requests[rid]
     engine.kv.allocate(req, len(ids))
-    batch = StepBatch.build(type("Plan", (), {"scheduled": [(req, len(ids))]})(), engine.config.block_size)
+    batch = StepBatch.build(SchedulerOutput([(req, len(ids))], preempted=[]), engine.config.block_size)
     batch.logits_indices = torch.arange(len(ids))
     return engine.execute(batch)
 
