@@ -149,3 +149,28 @@ def test_prefill_gpu(dtype, window, poisoned):
         attention_prefill.paged_prefill_attention_triton(*args),
         attention_prefill.paged_prefill_attention_ref(*args),
     )
+
+
+def fused_qkv_slice(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """`q` [T, Hq, D] as the model hands it over: a strided view of one fused [T, (Hq + 2 Hkv) * D] qkv row."""
+    t, hq, d = q.shape
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=q.dtype, device=q.device)
+    qkv[:, : hq * d] = q.reshape(t, -1)
+    return qkv[:, : hq * d].view(t, hq, d)
+
+
+@runs_triton
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES[1:2])
+def test_triton_takes_q_as_a_slice_of_fused_qkv(seq_lens, q_lens, hq, hkv, window, poisoned):
+    k_cache, v_cache, table = make_cache(seq_lens, hkv, 16, 8, torch.float32)
+    q = torch.randn(len(seq_lens), hq, 16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    strided = fused_qkv_slice(q, hkv)
+    assert not strided.is_contiguous()
+    decode = (k_cache, v_cache, table, lens, 0.25, window)
+    out = attention_decode.paged_decode_attention_triton(strided, *decode, config={"BLOCK_N": 16})
+    assert_close(out, attention_decode.paged_decode_attention_ref(q, *decode))
+    q, *prefill = (*prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, torch.float32), 0.25, window)
+    out = attention_prefill.paged_prefill_attention_triton(fused_qkv_slice(q, hkv), *prefill,
+                                                           config={"BLOCK_M": 16, "BLOCK_N": 16})
+    assert_close(out, attention_prefill.paged_prefill_attention_ref(q, *prefill))

@@ -45,8 +45,10 @@ class LlamaAttention(nn.Module):
         q, k, v = q.reshape(T, -1, d), k.reshape(T, -1, d), v.reshape(T, -1, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q.contiguous(), k.contiguous())
-        out = self.attn(q, k, v.contiguous(), meta)  # [T, Hq, D]
+        # NOTE: q, k, v stay strided views of the fused qkv output: rope, the cache store and attention
+        # all take rows with any stride (D innermost), so no per-layer copies.
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, -1))
 
 
