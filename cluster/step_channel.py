@@ -33,7 +33,7 @@ class StepChannel:
             resource_tracker.unregister(self.shm._name, "shared_memory")
         self.created = create
         self.words = np.ndarray((self.header_len + capacity,), dtype=np.int64, buffer=self.shm.buf)
-        self.capacity, self.num_readers = capacity, num_readers
+        self.capacity = capacity
         if create:
             self.words[: self.header_len] = 0
             self.words[WRITER_PID] = os.getpid()
