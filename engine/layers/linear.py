@@ -60,7 +60,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_range = kv_head_range(num_kv_heads, tp.size, tp.rank)
         self.num_heads = self.q_range[1] - self.q_range[0]  # local
         self.num_kv_heads = self.kv_range[1] - self.kv_range[0]  # local
-        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim  # this rank's rows
+        # NOTE: `out * tp.size` is not the model's qkv width when heads split unevenly; it is what the
+        # parent divides by tp.size to get this rank's rows back.
         super().__init__(hidden, out * tp.size, tp, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
