@@ -2,13 +2,15 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch already on the machine; a machine whose python3 has its
-# own torch (a GPU box) keeps it through --system-site-packages.
+# The CPU build of torch already on the machine; a machine whose own python3 (not
+# some activated virtual environment's) has torch, such as a GPU box, keeps it
+# through --system-site-packages.
 TORCH_PIN ?= 2.13.0
+SYSTEM_TORCH := $(shell $(PY) -c "import sys, torch; assert sys.prefix == sys.base_prefix" 2>/dev/null && echo yes)
 PROMPT ?= What is the capital of France?
 
 $(VENV)/.installed: pyproject.toml
-	@if $(PY) -c "import torch" 2>/dev/null; then \
+	@if [ "$(SYSTEM_TORCH)" = yes ]; then \
 		$(PY) -m venv --system-site-packages $(VENV); \
 	else \
 		$(PY) -m venv $(VENV) && $(BIN)/pip install -q torch==$(TORCH_PIN); \
@@ -24,7 +26,7 @@ run: $(VENV)/.installed
 	$(BIN)/pdserve generate --chat "$(PROMPT)"
 
 test: $(VENV)/.installed
-	$(BIN)/pytest -q
+	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check .
+	$(BIN)/python -m ruff check .
