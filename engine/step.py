@@ -5,7 +5,7 @@ other ranks as one flat int64 tensor (`pack` / `unpack`), never pickled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,9 @@ class StepBatch:
     seq_lens: torch.Tensor  # [S] int32
     logits_indices: torch.Tensor  # [N] int64: rows of the hidden states that get sampled
     decode_only: bool
+    # The packed form, made at most once (a step's fields never change once it is packed): rank 0
+    # packs for its peers and for its own upload, and a peer uploads exactly what it received.
+    packed: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, plan: SchedulerOutput, block_size: int) -> StepBatch:
@@ -72,9 +75,12 @@ class StepBatch:
 
     def pack(self) -> torch.Tensor:
         """One flat int64 tensor: a header of sizes, then every field."""
-        parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions, self.slot_mapping,
-                 self.block_tables.flatten(), self.query_start_loc, self.seq_lens, self.logits_indices]
-        return torch.cat([p.to(torch.int64) for p in parts])
+        if self.packed is None:
+            parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions,
+                     self.slot_mapping, self.block_tables.flatten(), self.query_start_loc, self.seq_lens,
+                     self.logits_indices]
+            self.packed = torch.cat([p.to(torch.int64) for p in parts])
+        return self.packed
 
     @classmethod
     def unpack(cls, flat: torch.Tensor, header: list[int] | None = None) -> StepBatch:
@@ -83,7 +89,7 @@ class StepBatch:
         sizes = [T, T, T, S * M, S + 1, S, N]
         ids, pos, slots, tables, q_start, seq_lens, rows = flat[_HEADER:].split(sizes)
         return cls(ids, pos, slots, tables.view(S, M).int(), q_start.int(), seq_lens.int(), rows,
-                   bool(decode_only))
+                   bool(decode_only), packed=flat)
 
     @staticmethod
     def max_packed_size(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
