@@ -12,6 +12,7 @@ from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.incoming import Incoming
 from pdserve.kv_transfer.layout import KVLayout
+from pdserve.kv_transfer.ledger import FINISHED_KEPT, TransferLedger
 from pdserve.kv_transfer.messages import (
     MessagePart,
     TransferConfig,
@@ -25,7 +26,6 @@ from pdserve.kv_transfer.staging import StagingPool, device_index, pinned_index
 from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
-_FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
 
 
 class KVReceiver:
@@ -45,9 +45,7 @@ class KVReceiver:
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
         self._release = release_blocks
         self._lock = threading.Condition()
-        self._active: dict[int, Incoming] = {}
-        self._finished: collections.OrderedDict[int, TransferResult] = collections.OrderedDict()
-        self._uncollected: list[TransferResult] = []
+        self._book = TransferLedger(self._lock, "receiver")
         self._rejected: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._quarantine: list[Incoming] = []  # failed, waiting for enqueued scatters before release
         self._conn_ids = iter(range(1, 1 << 62))
@@ -76,9 +74,7 @@ class KVReceiver:
         if self.kv_cache.is_cuda:  # the host half of device_index now, off the transfer's critical path
             inc.pinned_ids = pinned_index(inc.block_ids)
         with self._lock:
-            if transfer_id in self._active or transfer_id in self._finished:
-                raise TransferError(f"transfer {transfer_id} is already known to this receiver")
-            self._active[transfer_id] = inc
+            self._book.add(transfer_id, inc)
             self._traced += tr.enabled
             rejected = self._rejected.pop(transfer_id, None)
             self._lock.notify_all()
@@ -95,7 +91,7 @@ class KVReceiver:
         pair never leaves an NCCL kernel waiting on this GPU.
         """
         def ready() -> bool:
-            return stop.is_set() or any(inc.units_unclaimed > 0 for inc in self._active.values())
+            return stop.is_set() or any(inc.units_unclaimed > 0 for inc in self._book.active.values())
 
         with self._lock:
             return self._lock.wait_for(ready, timeout_s) and not stop.is_set()
@@ -114,34 +110,21 @@ class KVReceiver:
 
     def state(self, transfer_id: int) -> TransferState | None:
         """Non-blocking. None for an id never expected (or finished long ago)."""
-        with self._lock:
-            if transfer_id in self._active:
-                return self._active[transfer_id].state
-            result = self._finished.get(transfer_id)
-            return result.state if result else None
+        return self._book.state(transfer_id)
 
     def get_finished(self) -> list[TransferResult]:
         """Non-blocking: transfers that ended (DONE or FAILED, with the reason) since the last call."""
-        with self._lock:
-            out, self._uncollected = self._uncollected, []
-        return out
+        return self._book.get_finished()
 
     def wait(self, transfer_id: int, timeout_s: float) -> TransferResult:
         """Block (bounded) until the transfer ends; for callers that may block, such as tests and tools."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while transfer_id not in self._finished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransferError(f"transfer {transfer_id} did not finish within {timeout_s}s")
-                self._lock.wait(left)
-            return self._finished[transfer_id]
+        return self._book.wait(transfer_id, timeout_s, "did not finish")
 
     def close(self) -> None:
         self._closed.set()
         self._ingest.close()
         with self._lock:
-            active = list(self._active.values())
+            active = list(self._book.active.values())
         for inc in active:
             self._fail(inc, "receiver closed")
 
@@ -154,10 +137,10 @@ class KVReceiver:
         """A handshake for `transfer_id` was refused: fail it now, or as soon as it is expected."""
         self.stats.add(handshakes_refused=1)
         with self._lock:
-            inc = self._active.get(transfer_id)
+            inc = self._book.active.get(transfer_id)
             if inc is None:
                 self._rejected[transfer_id] = reason
-                while len(self._rejected) > _FINISHED_KEPT:
+                while len(self._rejected) > FINISHED_KEPT:
                     self._rejected.popitem(last=False)
         if inc is not None:
             self._fail(inc, reason)
@@ -166,9 +149,9 @@ class KVReceiver:
         """The expectation a sender's part belongs to; waits (bounded) for expect() if the sender is early."""
         deadline = time.monotonic() + self.config.timeout_s
         with self._lock:
-            while (inc := self._active.get(header.transfer_id)) is None:
+            while (inc := self._book.active.get(header.transfer_id)) is None:
                 left = deadline - time.monotonic()
-                if left <= 0 or header.transfer_id in self._finished:
+                if left <= 0 or header.transfer_id in self._book.finished:
                     raise TransferError(f"transfer {header.transfer_id} is not expected by this receiver")
                 self._lock.wait(left)
             inc.conns.add(conn_id)
@@ -226,7 +209,7 @@ class KVReceiver:
     def conn_lost(self, conn_id: int, reason: str) -> None:
         """A pair broke: the transfers it was delivering cannot complete."""
         with self._lock:
-            hit = [inc for inc in self._active.values() if conn_id in inc.conns]
+            hit = [inc for inc in self._book.active.values() if conn_id in inc.conns]
         for inc in hit:
             self._fail(inc, f"connection to the sender was lost: {reason}")
 
@@ -253,12 +236,7 @@ class KVReceiver:
                                 inc.trace if inc.trace.enabled else None)
         with self._lock:
             self._traced -= inc.trace.enabled
-            self._active.pop(inc.transfer_id, None)
-            self._finished[inc.transfer_id] = result
-            while len(self._finished) > _FINISHED_KEPT:
-                self._finished.popitem(last=False)
-            self._uncollected.append(result)
-            self._lock.notify_all()
+        self._book.close_out(result)
         self.stats.record_finish(result)
 
     def _watch(self) -> None:
@@ -266,7 +244,7 @@ class KVReceiver:
         while not self._closed.wait(0.01):
             now = time.monotonic()
             with self._lock:
-                active = list(self._active.values())
+                active = list(self._book.active.values())
                 quarantine, self._quarantine = self._quarantine, []
             for inc in active:
                 if now > inc.deadline:

@@ -1,7 +1,6 @@
 """Prefill side: ship the KV of a set of blocks, whole or layer by layer as prefill writes it."""
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +10,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout
+from pdserve.kv_transfer.ledger import TransferLedger
 from pdserve.kv_transfer.messages import (
     Destination,
     TransferConfig,
@@ -24,7 +24,6 @@ from pdserve.kv_transfer.staging import StagingPool
 from pdserve.kv_transfer.trace import NO_TRACE, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
-_FINISHED_KEPT = 4096  # finished transfers whose state() stays answerable
 
 
 @dataclass
@@ -80,9 +79,7 @@ class KVSender:
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
         self._release = release_blocks
         self._lock = threading.Condition()
-        self._active: dict[int, Outgoing] = {}
-        self._finished: collections.OrderedDict[int, TransferResult] = collections.OrderedDict()
-        self._uncollected: list[TransferResult] = []
+        self._book = TransferLedger(self._lock, "sender")
         self._workers: dict = {}  # Endpoint -> PairWorker
 
     def start_send(self, transfer_id: int, dest: Destination, block_ids: list[int],
@@ -96,9 +93,7 @@ class KVSender:
         out = Outgoing(transfer_id, list(block_ids), deadline, parts_left=len(slices), trace=tr)
         tr.mark("plan built")
         with self._lock:
-            if transfer_id in self._active or transfer_id in self._finished:
-                raise TransferError(f"transfer {transfer_id} is already known to this sender")
-            self._active[transfer_id] = out
+            self._book.add(transfer_id, out)
             for s in slices:
                 self._worker(dest.endpoints[s.dst_rank], s.dst_rank, len(dest.endpoints)).submit(out, s)
         tr.mark("queued to pair threads")
@@ -135,28 +130,15 @@ class KVSender:
             out.cond.notify_all()
 
     def state(self, transfer_id: int) -> TransferState | None:
-        with self._lock:
-            if transfer_id in self._active:
-                return self._active[transfer_id].state
-            result = self._finished.get(transfer_id)
-            return result.state if result else None
+        return self._book.state(transfer_id)
 
     def wait_for_save(self, transfer_id: int, timeout_s: float) -> TransferResult:
         """Block (bounded) until every message of the transfer has been sent, or it failed."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while transfer_id not in self._finished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransferError(f"transfer {transfer_id} was not sent within {timeout_s}s")
-                self._lock.wait(left)
-            return self._finished[transfer_id]
+        return self._book.wait(transfer_id, timeout_s, "was not sent")
 
     def get_finished(self) -> list[TransferResult]:
         """Non-blocking: transfers that ended since the last call."""
-        with self._lock:
-            out, self._uncollected = self._uncollected, []
-        return out
+        return self._book.get_finished()
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +175,7 @@ class KVSender:
 
     def _get(self, transfer_id: int) -> Outgoing:
         with self._lock:
-            out = self._active.get(transfer_id)
+            out = self._book.active.get(transfer_id)
         if out is None:
             raise TransferError(f"transfer {transfer_id} is not active on this sender")
         return out
@@ -208,12 +190,6 @@ class KVSender:
         now = time.monotonic()
         result = TransferResult(out.transfer_id, state, out.num_bytes, now - out.start, now, error,
                                 out.trace if out.trace.enabled else None)
-        with self._lock:
-            self._active.pop(out.transfer_id, None)
-            self._finished[out.transfer_id] = result
-            while len(self._finished) > _FINISHED_KEPT:
-                self._finished.popitem(last=False)
-            self._uncollected.append(result)
-            self._lock.notify_all()
+        self._book.close_out(result)
         self.stats.record_finish(result)
         self._release(out.block_ids)
