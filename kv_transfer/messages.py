@@ -208,6 +208,10 @@ class TransferConfig:
     # First and last messages taper down to about this size (0: every message as large as staging); see
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 16 << 20
+    # CUDA: the gathers and scatters that run while a message is on the wire (every one but the first gather
+    # and the last scatter) use at most this many programs (0: as many as the copy has blocks), so they
+    # leave the SMs and memory bandwidth that NCCL's kernel needs; the exposed ones run at full width.
+    copy_programs: int = 0
     grpc_chunk_bytes: int = 4 << 20
     # NCCL: how the receiving thread waits for an expected transfer's header. False: it sleeps until the GPU
     # signals (no CPU used however late the sender starts; the wake-up costs more). True: it spins a CPU

@@ -10,7 +10,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import ops
-from pdserve.kv_transfer.messages import Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.plan import SendSlice, message_shape
 from pdserve.kv_transfer.staging import device_index
 
@@ -34,6 +34,9 @@ class PairWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._link = None
+        # CUDA: pinned host buffer of header + block ids, and the event after its last copy (see _stage_ids)
+        self._ids_host: torch.Tensor | None = None
+        self._ids_copied: torch.cuda.Event | None = None
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint.port}", daemon=True)
         self._thread.start()
 
@@ -120,16 +123,17 @@ class PairWorker:
         header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
         tr = out.trace
         tr.mark("header built")
-        link.begin(header, out.deadline)
+        # Made here, on this worker's stream, so the prefill stream never waits for the copy.
+        header_dev, index = self._stage_ids(header, out.block_ids)  # [HEADER_LEN], [n]
+        tr.mark("header and block ids staged")
+        link.begin(header, out.deadline, header_dev)
         tr.mark("header posted")
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
-        # Made here, on this worker's stream, so the prefill stream never waits for the copy.
-        index = device_index(out.block_ids, sender.kv_cache.device)  # [n]
-        tr.mark("block ids staged")
         # device: sends complete on the link's stream (NCCL), not on this one
         done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
+        programs = sender.config.copy_programs or None  # the first gather (nothing to hide behind) runs wide
         for k, msg in enumerate(message_plan(layout.num_layers, header)):
             out.wait_layers(waited, msg.layers[1], out.deadline)
             waited = max(waited, msg.layers[1])
@@ -141,7 +145,7 @@ class PairWorker:
                          local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
-                                       msg.layers, local_heads)
+                                       msg.layers, local_heads, programs if k else None)
                 tr.mark("gather launched | done", k, gpu=True)
                 sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
                 tr.mark("send posted | done", k, gpu=done_stream is not None, stream=done_stream)
@@ -149,6 +153,30 @@ class PairWorker:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
         return num_bytes
+
+    def _stage_ids(self, header: TransferHeader, block_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(header, block ids) on the cache's device as int64, from one host-to-device copy (CUDA; the
+        header is None on CPU, where links build their own).
+
+        NOTE (CUDA): through a pinned buffer this worker keeps, so no transfer allocates pinned memory or
+        waits for the stream; the buffer is refilled only once its last copy has run (otherwise a new one is
+        taken and the old one freed: the caching host allocator holds it until that copy ran).
+        """
+        device = self.sender.kv_cache.device
+        if device.type != "cuda":
+            return None, device_index(block_ids, device)
+        n = HEADER_LEN + len(block_ids)
+        host, copied = self._ids_host, self._ids_copied
+        if host is None or host.numel() < n or (copied is not None and not copied.query()):
+            size = max(n, 2 * host.numel()) if host is not None else max(n, 1024)
+            host = self._ids_host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        values = host.numpy()
+        values[:HEADER_LEN] = header.to_list()
+        values[HEADER_LEN:n] = block_ids
+        staged = host[:n].to(device, non_blocking=True)
+        self._ids_copied = torch.cuda.Event()
+        self._ids_copied.record()
+        return staged[:HEADER_LEN], staged[HEADER_LEN:]
 
     def _ensure_link(self, transfer_id: int, deadline: float):
         link = self._link

@@ -171,8 +171,10 @@ class KVReceiver:
         return (part.layers[1] - part.layers[0], 2, part.blocks[1] - part.blocks[0],
                 header.heads[1] - header.heads[0], self.layout.block_size, self.layout.head_dim)
 
-    def scatter(self, inc: Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
+    def scatter(self, inc: Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor,
+                overlapped: bool = False) -> bool:
         """Write one received message into the reserved blocks (enqueued, on CUDA); False if it already ended.
+        `overlapped`: more messages are still arriving (the copy runs narrow: TransferConfig.copy_programs).
 
         The caller reports the message with landed() once the scatter has run.
         """
@@ -185,8 +187,9 @@ class KVReceiver:
             if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never waits
                 ids = inc.pinned_ids if inc.pinned_ids is not None else inc.block_ids
                 inc.block_index = device_index(ids, self.kv_cache.device)
+            programs = (self.config.copy_programs or None) if overlapped else None
             ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
-                               part.layers, heads)
+                               part.layers, heads, programs)
             if buf.is_cuda:
                 event = torch.cuda.Event()
                 event.record()

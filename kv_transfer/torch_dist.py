@@ -155,10 +155,13 @@ class TorchDistLink:
     def is_open(self) -> bool:
         return self._group is not None and self._handshake.is_open()
 
-    def begin(self, header: TransferHeader, deadline: float) -> None:
-        """The transfer's header, ahead of its data on the pair (NCCL: posted, not awaited)."""
+    def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None = None) -> None:
+        """The transfer's header, ahead of its data on the pair (NCCL: posted, not awaited). `on_device`: the
+        header already copied to the GPU (the pair worker stages it with the block ids)."""
         if self._cuda:  # staged through pinned memory: no host sync (see staging.device_index)
-            self._group.send([device_index(header.to_list(), self.device)], RECEIVER, 0)
+            if on_device is None:
+                on_device = device_index(header.to_list(), self.device)
+            self._group.send([on_device], RECEIVER, 0)
         else:
             wait_work(self._group.send([header.to_tensor(self.device)], RECEIVER, 0), deadline, False)
 
