@@ -54,7 +54,7 @@ class Staging:
                    int(programs) if programs else default_programs)
 
     def __str__(self) -> str:
-        return (f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "")
+        return (f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "+block")
                 + (f"@{self.programs}" if self.programs else ""))
 
     def config(self, stage_timeout: float) -> TransferConfig:

@@ -58,9 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--taper-mib", type=float, default=None,
                    help=f"first/last messages taper down to this size, 0: off (default "
                         f"{defaults.taper_bytes >> 20}; cpu: 0)")
-    p.add_argument("--spin-for-header", action="store_true",
-                   help="main table: the receiver spins for each header instead of sleeping until it lands "
-                        "(TransferConfig.spin_for_header; a sweep entry says it with a '+spin' suffix)")
+    p.add_argument("--spin-for-header", action=argparse.BooleanOptionalAction, default=defaults.spin_for_header,
+                   help="main table: the receiver spins for each header (or, with --no-spin-for-header, sleeps "
+                        "until it lands) (TransferConfig.spin_for_header; a sweep entry says it with a '+spin' "
+                        "or '+block' suffix)")
     p.add_argument("--copy-programs", type=int, default=defaults.copy_programs,
                    help="main table: programs of the gathers and scatters that overlap a send (0: unbounded; "
                         "TransferConfig.copy_programs; a sweep entry says it with an '@N' suffix)")

@@ -209,14 +209,16 @@ class TransferConfig:
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 16 << 20
     # CUDA: the gathers and scatters that run while a message is on the wire (every one but the first gather
-    # and the last scatter) use at most this many programs (0: as many as the copy has blocks), so they
-    # leave the SMs and memory bandwidth that NCCL's kernel needs; the exposed ones run at full width.
+    # and the last scatter) use at most this many programs (0: as many as the copy has blocks), to leave
+    # NCCL's kernel SMs and memory bandwidth. Off by default: bounded to 16-64 programs the copies fell
+    # behind the wire and the transfer slowed (docs/benchmarks.md).
     copy_programs: int = 0
     grpc_chunk_bytes: int = 4 << 20
-    # NCCL: how the receiving thread waits for an expected transfer's header. False: it sleeps until the GPU
-    # signals (no CPU used however late the sender starts; the wake-up costs more). True: it spins a CPU
-    # core in the driver until the header lands (wakes within microseconds).
-    spin_for_header: bool = False
+    # NCCL: how the receiving thread waits for an expected transfer's header. True: it spins a CPU core in the
+    # driver until the header lands (wakes within microseconds; a core per connected pair, and only while a
+    # transfer is expected and not yet announced). False: it sleeps until the GPU signals (no CPU used
+    # however late the sender starts; the wake-up measured 0.2-0.6 ms on an H200 host, on the critical path).
+    spin_for_header: bool = True
     # Record a timeline of every transfer (kv_transfer/trace.py): host stamps and CUDA timing events at each
     # stage, returned in TransferResult.trace. Off: no clock reads, no events. start_send / expect can
     # also turn it on for one transfer.
