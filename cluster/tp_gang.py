@@ -138,17 +138,26 @@ class TPGang:
         return run_to_completion(self, prompts, params)
 
     # --- lifecycle ------------------------------------------------------------------------
-    def shutdown(self) -> None:
-        """Stop the step loops if the gang is healthy, then kill every rank and free the group."""
+    def shutdown(self) -> bool:
+        """Stop the step loops if the gang is healthy, then kill every rank and free the group. True when
+        rank 0 stopped the gang on request (within the timeout); False when it was broken or did not."""
+        clean = False
         if not self.broken:
+            # Only rank 0's answer is awaited: the other ranks' step loops end here by design (rank 0 stops
+            # them), which elsewhere would mean a failed rank.
+            ref = self.ranks[0].shutdown.remote()
+            ready, _ = ray.wait([ref], num_returns=1, timeout=self.timeout)
             try:
-                self._wait(self.ranks[0].shutdown.remote(), self.timeout, "shutdown")
-            except WorkerFailedError:
-                log.warning("tp gang: shutdown did not complete cleanly; killing the ranks")
+                clean = bool(ready) and ray.get(ready[0], timeout=self.timeout) is None
+            except ray.exceptions.RayError as e:
+                log.warning("tp gang: rank 0 failed to stop the gang (%s); killing the ranks", type(e).__name__)
+            if not ready:
+                log.warning("tp gang: rank 0 did not stop the gang within %.0fs; killing the ranks", self.timeout)
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self.pg)
         self.loops = []
+        return clean
 
     def restart(self) -> None:
         self.shutdown()
