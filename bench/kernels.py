@@ -1,7 +1,7 @@
 """Kernel benchmark: each Triton kernel's achieved bandwidth (or FLOP/s) as a fraction of this GPU's ceilings,
 and its time against PyTorch's own op on the same data, all measured in one run.
 
-    python -m pdserve.bench.kernels --out kernels.json [--sweep]
+    python -m pdserve.bench.kernels --out kernels.json [--sweep] [--only decode prefill elementwise]
 
 Ceilings: a large device-to-device copy (bytes read + written) and a bf16 8192^3 GEMM, on random data.
 Times are `triton.testing.do_bench` medians (it flushes L2 between runs). --sweep also times tile configs.
@@ -101,30 +101,35 @@ def decode_case(batch, ctx, ceil, configs=(None,), splits=(None,)):
     return rows
 
 
-def prefill_case(batch, seq, ceil, configs=(None,)):
-    k_cache, v_cache, tables, k, v = paged_kv(batch, seq)
-    q = torch.randn(batch * seq, HQ, D, dtype=DT, device="cuda")
+def prefill_inputs(batch: int, seq: int):
+    """A full prefill of `batch` sequences of `seq` tokens as the engine hands it over: q, k, v strided views of
+    one fused qkv output, k/v also stored in shuffled cache blocks. Returns the kernel's arguments up to
+    `scale` and the same q/k/v as SDPA takes them ([B, H, L, D] views of contiguous [B, L, H, D])."""
+    per_seq = seq // BS
+    t = batch * seq
+    qkv = torch.randn(t, (HQ + 2 * HKV) * D, dtype=DT, device="cuda")
+    q, k, v = (x.view(t, -1, D) for x in qkv.split([HQ * D, HKV * D, HKV * D], 1))
+    tables = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).int()
+    k_cache = torch.empty(batch * per_seq, HKV, BS, D, dtype=DT, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    for cache, x in ((k_cache, k), (v_cache, v)):  # token i of sequence b -> block tables[b, i // BS], slot i % BS
+        cache[tables.long()] = x.reshape(batch, per_seq, BS, HKV, D).transpose(2, 3)
     qsl = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
     lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
-    qb = q.view(batch, seq, HQ, D).transpose(1, 2)
+    sdpa = tuple(x.contiguous().view(batch, seq, -1, D).transpose(1, 2) for x in (q, k, v))
+    return (q, k, v, k_cache, v_cache, tables, qsl, lens), sdpa
+
+
+def prefill_case(batch, seq, ceil, configs=(None,)):
+    args, (qb, kb, vb) = prefill_inputs(batch, seq)
     t_torch = ms(
-        lambda: F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=D**-0.5, enable_gqa=True)
+        lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=D**-0.5, enable_gqa=True)
     )
     flops = 4 * batch * seq * seq // 2 * D * HQ  # QK^T and PV over the causal half
     rows = []
     for cfg in configs:
         try:
-            t = ms(
-                attention_prefill.paged_prefill_attention_triton,
-                q,
-                k_cache,
-                v_cache,
-                tables,
-                qsl,
-                lens,
-                D**-0.5,
-                config=cfg,
-            )
+            t = ms(attention_prefill.paged_prefill_attention_triton, *args, D**-0.5, config=cfg)
         except OutOfResources as e:
             print(f"  prefill {cfg}: {type(e).__name__}", file=sys.stderr)
             continue
@@ -210,26 +215,30 @@ def sweeps(ceil):
     ]
     pre = [
         {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-        for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+        for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
+        if m % n == 0  # the kernel's key tiles must divide its row tiles
     ]
     for batch, ctx in [(64, 4096), (1, 32768), (16, 4096)]:
-        yield lambda b=batch, c=ctx: decode_case(b, c, ceil, dec)
+        yield "decode", lambda b=batch, c=ctx: decode_case(b, c, ceil, dec)
     for batch, ctx in [(64, 4096), (1, 32768), (16, 4096), (256, 512)]:
         n = attention_decode.choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
-        yield lambda b=batch, c=ctx, n=n: decode_case(
+        yield "decode", lambda b=batch, c=ctx, n=n: decode_case(
             b, c, ceil, splits=sorted({max(1, n // 2), n, 2 * n, 4 * n})
         )
     for batch, seq in [(8, 2048), (1, 16384)]:
-        yield lambda b=batch, s=seq: prefill_case(b, s, ceil, pre)
+        yield "prefill", lambda b=batch, s=seq: prefill_case(b, s, ceil, pre)
+
+
+FAMILIES = ["decode", "prefill", "elementwise"]
 
 
 def cases(ceil):
-    """The table: every case as a thunk returning rows."""
+    """The table: every case as (family, thunk returning rows)."""
     for batch, ctx in itertools.product((1, 16, 64, 256), (512, 4096, 32768)):
         if 2 * batch * ctx * HKV * D * 2 <= MAX_KV_BYTES:
-            yield lambda b=batch, c=ctx: decode_case(b, c, ceil)
-    yield lambda: prefill_case(8, 2048, ceil) + prefill_case(1, 16384, ceil)
-    yield lambda: elementwise_cases(ceil)
+            yield "decode", lambda b=batch, c=ctx: decode_case(b, c, ceil)
+    yield "prefill", lambda: prefill_case(8, 2048, ceil) + prefill_case(1, 16384, ceil)
+    yield "elementwise", lambda: elementwise_cases(ceil)
 
 
 def main() -> int:
@@ -238,6 +247,9 @@ def main() -> int:
     )
     parser.add_argument("--out", help="write all rows and ceilings as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also time tile configs and split counts")
+    parser.add_argument(
+        "--only", nargs="+", choices=FAMILIES, default=FAMILIES, help="run only these kernel families"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -257,7 +269,9 @@ def main() -> int:
     )
     rows = []
     thunks = itertools.chain(cases(ceil), sweeps(ceil) if args.sweep else ())
-    for thunk in thunks:
+    for family, thunk in thunks:
+        if family not in args.only:
+            continue
         try:
             new = thunk()
         except Exception as e:  # noqa: BLE001 -- one failing case must not hide the other cases' numbers

@@ -9,6 +9,8 @@ from pdserve.kernels.attention_decode import LOG2E, check_paged_cache, gather_pa
 
 def paged_prefill_attention_ref(
     q: torch.Tensor,  # [T, Hq, D], the new tokens of S sequences concatenated
+    k: torch.Tensor,  # [T, Hkv, D], the new tokens' keys (also already in the cache)
+    v: torch.Tensor,  # [T, Hkv, D], the new tokens' values (likewise)
     k_cache: torch.Tensor,  # [num_blocks, Hkv, Bs, D]
     v_cache: torch.Tensor,  # [num_blocks, Hkv, Bs, D]
     block_tables: torch.Tensor,  # [S, max_blocks] int32
@@ -21,6 +23,9 @@ def paged_prefill_attention_ref(
     own (and > position - sliding_window when set). GQA as in decode. fp32 math; returns [T, Hq, D] in
     q.dtype.
 
+    `k`/`v` repeat what the cache holds for the new tokens (the cache store runs first): this reference
+    reads every key from the cache and ignores them; the Triton kernel reads the prefix from the cache and
+    the new tokens from `k`/`v`.
     Vectorized by padding each sequence's queries to the longest (S x max_q x max_seq).
     """
     starts = query_start_loc[:-1].long()
@@ -31,10 +36,10 @@ def paged_prefill_attention_ref(
     # Padding rows repeat the sequence's last query so every row attends to at least one key.
     rows = starts[:, None] + torch.minimum(i[None, :], q_lens[:, None] - 1)  # [S, M]
     q_pos = seq_lens.long()[:, None] - q_lens[:, None] + (rows - starts[:, None])
-    k, v = gather_paged_kv(k_cache, v_cache, block_tables, seq_lens)
-    mask = key_mask(q_pos, k.shape[2], sliding_window)
+    keys, values = gather_paged_kv(k_cache, v_cache, block_tables, seq_lens)
+    mask = key_mask(q_pos, keys.shape[2], sliding_window)
     qp = q.float()[rows].transpose(1, 2)  # [S, Hq, M, D]
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)[real].to(q.dtype)  # [T, Hq, D]
 
 
@@ -42,23 +47,51 @@ def paged_prefill_attention_ref(
 # Program (tile, q head) owns BLOCK_M query rows of one sequence and streams that sequence's keys in tiles
 # of BLOCK_N tokens with an online softmax, from the window start (if any) up to its last row's position:
 # tiles wholly above the causal diagonal or before the window are never visited.
+# Keys come from two places: the prefix (positions < seq_len - q_len, earlier steps) from the paged cache
+# through the block table, the new tokens from the contiguous rows of `k`/`v`, which load as whole tiles.
+# Only the tiles that straddle an edge pay for a mask: the prefix's partial last tile and the new tokens'
+# diagonal tiles; with a sliding window every tile is masked (its start cuts rows at different keys).
 # Tiles are numbered without a host sync: sequence s owns tiles [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M
 # + s + 1); a program finds its sequence by binary search, and a grid of T // BLOCK_M + S + 1 covers all.
 # NOTE: DOT_FP32 as in attention_decode (interpreter only).
 
-# Within 2% (8x2048) and 5% (1x16384) of the best H200 config swept, with the least shared memory (portable).
-PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+@triton.jit
+def _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step over a key tile; `keep` is read only when MASKED."""
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(keep, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row can see no key yet (window, diagonal): keep its running max finite so exp2 gives 0.
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
     scale_log2, window, num_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_kn, stride_kh, stride_kt, stride_bt,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_cn, stride_ch, stride_cb, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    # Highest tiles first: they have the most keys, so the long programs start early.
+    # Highest tiles first: they have the most keys, so the long programs start early. The tile index
+    # varies fastest, so the programs in flight share one head's keys (and the next heads of its kv group
+    # reread them from L2).
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -71,86 +104,116 @@ def _prefill_kernel(
     seq = seq_lo
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    seq_len = tl.load(lens_ptr + seq)
     m0 = (tile - q_start // BLOCK_M - seq) * BLOCK_M  # first row of this tile, within the sequence
-    prefix = seq_len - q_len
+    if m0 >= q_len:  # a spare tile past the sequence's rows
+        return
+    prefix = tl.load(lens_ptr + seq) - q_len
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # rows (new-token index within the sequence)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_len
     d_mask = offs_d < HEAD_DIM
-    q_pos = prefix + offs_m  # [BLOCK_M]
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-
-    # Keys [lo, hi): up to the tile's last real row; none at all for a tile past the sequence's rows.
-    hi = tl.where(m0 < q_len, tl.minimum(prefix + m0 + BLOCK_M, seq_len), 0)
-    lo = tl.maximum(prefix + m0 - window + 1, 0) if USE_WINDOW else 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    q_pos = prefix + offs_m  # absolute positions
+    # First key any row of the tile may see; tiles start BLOCK_N-aligned, the window mask trims the rest.
+    lo = tl.maximum(prefix + m0 - window + 1, 0) if USE_WINDOW else 0
+
+    # Prefix keys (paged cache). Every one precedes every row: no causal mask.
+    pre_full = prefix // BLOCK_N * BLOCK_N
+    pre_lo = tl.minimum(lo, prefix) // BLOCK_N * BLOCK_N
+    for n0 in range(pre_lo, pre_full, BLOCK_N):
         pos = n0 + offs_n
-        n_mask = pos < hi
+        page = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE).to(tl.int64)
+        kv_off = (page * stride_cn + kvh * stride_ch + (pos % BLOCK_SIZE) * stride_cb)[:, None] + offs_d[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+        keep = pos[None, :] > q_pos[:, None] - window
+        acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, USE_WINDOW, DOT_FP32)
+    for n0 in range(tl.maximum(pre_lo, pre_full), prefix, BLOCK_N):  # the partial last tile, if any
+        pos = n0 + offs_n
+        n_mask = pos < prefix
         page = tl.load(bt_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_off = page * stride_kn + kvh * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        kv_off = (page * stride_cn + kvh * stride_ch + (pos % BLOCK_SIZE) * stride_cb)[:, None] + offs_d[None, :]
         nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        keep = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=nd_mask, other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=nd_mask, other=0.0)
+        keep = n_mask[None, :]
         if USE_WINDOW:
             keep &= pos[None, :] > q_pos[:, None] - window
-        s = tl.where(keep, s, float("-inf"))
-        # A row can see no key in a tile (window, diagonal): keep its running max finite so exp2 gives 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, True, DOT_FP32)
 
+    # New tokens (contiguous rows of k/v), below the diagonal: every key precedes every row.
+    k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
+    v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+    for n0 in range(tl.maximum(lo - prefix, 0) // BLOCK_N * BLOCK_N, m0, BLOCK_N):
+        rows = (q_start + n0 + offs_n).to(tl.int64)[:, None]
+        k = tl.load(k_base + rows * stride_kt, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_base + rows * stride_vt, mask=d_mask[None, :], other=0.0)
+        keep = (n0 + offs_n)[None, :] > offs_m[:, None] - window
+        acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, USE_WINDOW, DOT_FP32)
+    # The diagonal tiles: key j is seen by rows >= j.
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
+        idx = n0 + offs_n
+        n_mask = idx < q_len
+        rows = (q_start + idx).to(tl.int64)[:, None]
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + rows * stride_kt, mask=nd_mask, other=0.0)
+        v = tl.load(v_base + rows * stride_vt, mask=nd_mask, other=0.0)
+        keep = idx[None, :] <= offs_m[:, None]
+        if USE_WINDOW:
+            keep &= idx[None, :] > offs_m[:, None] - window
+        acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, True, DOT_FP32)
+
+    # Every real row saw at least its own key; a padding row past q_len may have seen none (window).
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def paged_prefill_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
-    config: dict | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    sliding_window: int | None = None, config: dict | None = None,
 ) -> torch.Tensor:
-    """Triton paged_prefill_attention (same contract as the ref); `config` overrides PREFILL_CONFIG."""
+    """Triton paged_prefill_attention (same contract as the ref); `config` overrides PREFILL_CONFIG.
+
+    Reads the prefix's keys/values from the cache and the new tokens' from `k`/`v` (any token stride).
+    """
     cfg = {**PREFILL_CONFIG, **(config or {})}
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, num_kv_heads, block_size, _ = k_cache.shape
     check_paged_cache(k_cache, v_cache, block_tables, q.device)
     assert q.stride(-1) == 1 and q.dtype == k_cache.dtype, "q: D innermost, same dtype as the cache"
+    assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim), "k, v: [T, Hkv, D]"
+    assert k.stride(-1) == v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype, "k, v: D innermost, q's dtype"
+    assert k.device == v.device == q.device, "all tensors on one device"
     assert k_cache.shape[3] == head_dim, "q and cache head_dim differ"
     assert num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
     assert query_start_loc.shape == (num_seqs + 1,), "query_start_loc: [S+1]"
     assert block_tables.shape[0] == num_seqs, "block_tables: one row per sequence"
     assert query_start_loc.dtype == seq_lens.dtype == torch.int32, "query_start_loc, seq_lens: int32"
     assert query_start_loc.device == seq_lens.device == q.device, "all tensors on one device"
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # Key tiles are BLOCK_N-aligned: the diagonal ones must start at a row tile's first row.
+    assert block_m % block_n == 0, "BLOCK_N must divide BLOCK_M"
     out = torch.empty_like(q)
-    num_tiles = num_tokens // cfg["BLOCK_M"] + num_seqs + 1
+    num_tiles = num_tokens // block_m + num_seqs + 1
     _prefill_kernel[(num_tiles, num_heads)](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k, v, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, sliding_window or 0, num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        USE_WINDOW=sliding_window is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        USE_WINDOW=sliding_window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim), DOT_FP32=not q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -49,10 +49,28 @@ def assert_close(out, ref):
 
 
 def prefill_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device="cpu"):
+    """Arguments of paged_prefill_attention up to seq_lens: k/v are the new tokens' rows of the cache."""
     k_cache, v_cache, table = make_cache(seq_lens, hkv, d, bs, dtype, device)
     q = torch.randn(sum(q_lens), hq, d, dtype=dtype, device=device)
     qsl = torch.tensor([0] + q_lens).cumsum(0).int().to(device)
-    return q, k_cache, v_cache, table, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(n - ql, n) for n, ql in zip(seq_lens, q_lens)])
+    seq = torch.cat([torch.full((ql,), s) for s, ql in enumerate(q_lens)])
+    blocks = table.cpu()[seq, pos // bs].long().to(device)
+    slots = (pos % bs).to(device)
+    k, v = k_cache[blocks, :, slots], v_cache[blocks, :, slots]  # [T, Hkv, D]
+    return q, k, v, k_cache, v_cache, table, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+def hide_new_tokens_in_cache(args, q_lens):
+    """NaN over the new tokens' cache slots (in copies): the Triton kernel must read those from k/v."""
+    q, k, v, k_cache, v_cache, table, qsl, lens, *rest = args
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    bs = k_cache.shape[2]
+    for s, ql in enumerate(q_lens):
+        for p in range(int(lens[s]) - ql, int(lens[s])):
+            k_cache[int(table[s, p // bs]), :, p % bs] = float("nan")
+            v_cache[int(table[s, p // bs]), :, p % bs] = float("nan")
+    return (q, k, v, k_cache, v_cache, table, qsl, lens, *rest)
 
 
 CASES = [  # (seq_lens, q_lens for prefill, Hq, Hkv, window); lengths not multiples of the block size
@@ -83,8 +101,10 @@ def test_decode_ref(seq_lens, q_lens, hq, hkv, window, dtype):
 @pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES[:3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_ref(seq_lens, q_lens, hq, hkv, window, dtype):
-    q, k_cache, v_cache, table, qsl, lens = prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype)
-    out = attention_prefill.paged_prefill_attention_ref(q, k_cache, v_cache, table, qsl, lens, 0.25, window)
+    q, k, v, k_cache, v_cache, table, qsl, lens = prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype)
+    out = attention_prefill.paged_prefill_attention_ref(
+        q, k, v, k_cache, v_cache, table, qsl, lens, 0.25, window
+    )
     want = [
         naive_attention(q[int(qsl[s]) + i], k_cache, v_cache, table[s], n - ql + i, 0.25, window)
         for s, (n, ql) in enumerate(zip(seq_lens, q_lens))
@@ -109,9 +129,12 @@ def test_decode_triton(seq_lens, q_lens, hq, hkv, window, dtype, num_splits, poi
 @runs_triton
 @pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_triton(seq_lens, q_lens, hq, hkv, window, dtype, poisoned):
+@pytest.mark.parametrize("block_m", [16, 32])  # 32: two diagonal key tiles per row tile
+def test_prefill_triton(seq_lens, q_lens, hq, hkv, window, dtype, block_m, poisoned):
     args = (*prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, dtype), 0.25, window)
-    out = attention_prefill.paged_prefill_attention_triton(*args, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    out = attention_prefill.paged_prefill_attention_triton(
+        *hide_new_tokens_in_cache(args, q_lens), config={"BLOCK_M": block_m, "BLOCK_N": 16}
+    )
     assert_close(out, attention_prefill.paged_prefill_attention_ref(*args))
 
 
@@ -143,10 +166,10 @@ def test_decode_gpu(dtype, window, poisoned):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 700])
 def test_prefill_gpu(dtype, window, poisoned):
-    seq_lens, q_lens = [2048, 1500, 3000, 1], [2048, 300, 1, 1]
+    seq_lens, q_lens = [2048, 1500, 3000, 1, 777], [2048, 300, 1, 1, 777]
     args = (*prefill_batch(seq_lens, q_lens, 32, 8, 128, 16, dtype, DEVICE), 128**-0.5, window)
     assert_close(
-        attention_prefill.paged_prefill_attention_triton(*args),
+        attention_prefill.paged_prefill_attention_triton(*hide_new_tokens_in_cache(args, q_lens)),
         attention_prefill.paged_prefill_attention_ref(*args),
     )
 
@@ -157,6 +180,14 @@ def fused_qkv_slice(q: torch.Tensor, hkv: int) -> torch.Tensor:
     qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=q.dtype, device=q.device)
     qkv[:, : hq * d] = q.reshape(t, -1)
     return qkv[:, : hq * d].view(t, hq, d)
+
+
+def fused_qkv_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q [T, Hq, D], k/v [T, Hkv, D] as strided views of one fused [T, (Hq + 2 Hkv) * D] qkv output."""
+    t, _, d = q.shape
+    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], 1)
+    q_, k_, v_ = qkv.split([q[0].numel(), k[0].numel(), v[0].numel()], 1)
+    return q_.view(t, -1, d), k_.view(t, -1, d), v_.view(t, -1, d)
 
 
 @runs_triton
@@ -170,7 +201,15 @@ def test_triton_takes_q_as_a_slice_of_fused_qkv(seq_lens, q_lens, hq, hkv, windo
     decode = (k_cache, v_cache, table, lens, 0.25, window)
     out = attention_decode.paged_decode_attention_triton(strided, *decode, config={"BLOCK_N": 16})
     assert_close(out, attention_decode.paged_decode_attention_ref(q, *decode))
-    q, *prefill = (*prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, torch.float32), 0.25, window)
-    out = attention_prefill.paged_prefill_attention_triton(fused_qkv_slice(q, hkv), *prefill,
-                                                           config={"BLOCK_M": 16, "BLOCK_N": 16})
-    assert_close(out, attention_prefill.paged_prefill_attention_ref(q, *prefill))
+
+
+@runs_triton
+@pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", [CASES[0], CASES[2]])
+def test_prefill_triton_takes_q_k_v_as_slices_of_fused_qkv(seq_lens, q_lens, hq, hkv, window, poisoned):
+    args = (*prefill_batch(seq_lens, q_lens, hq, hkv, 16, 8, torch.float32), 0.25, window)
+    views = fused_qkv_views(*args[:3])
+    assert not any(x.is_contiguous() for x in views)
+    out = attention_prefill.paged_prefill_attention_triton(
+        *hide_new_tokens_in_cache((*views, *args[3:]), q_lens), config={"BLOCK_M": 16, "BLOCK_N": 16}
+    )
+    assert_close(out, attention_prefill.paged_prefill_attention_ref(*args))

@@ -37,6 +37,6 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window
             )
         return ops.paged_prefill_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            q, k, v, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
             self.scale, self.sliding_window,
         )
