@@ -98,8 +98,13 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
         group.abort()
 
 
-def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False) -> tuple[float, dict | None]:
-    """Seconds from start_send to the receiver's finished_at; with trace, both sides' marks as well."""
+def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False,
+             lead_s: float = 0.0) -> tuple[float, dict | None]:
+    """Seconds from start_send to the receiver's finished_at; with trace, both sides' marks as well.
+
+    lead_s > 0: the transfer is started that long before its KV is ready (as a prefill worker starts it
+    when the prefill begins), and the clock starts at save_kv: how long the KV takes to land once it exists.
+    """
     stages = peer.stages
     ids = random.sample(range(cache.shape[2]), n)
     peer.ask_ready("kv", kind=kind.value, tid=tid, blocks=n, verify=verify, trace=trace)
@@ -107,6 +112,9 @@ def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False)
         torch.cuda.current_stream().synchronize()
     start_ns = time.monotonic_ns()
     sender.start_send(tid, dest, ids, timeout_s=stages.left(), trace=trace)
+    if lead_s > 0:
+        time.sleep(lead_s)  # the prefill computing
+        start_ns = time.monotonic_ns()
     sender.save_kv(tid)
     end, remote_sum, remote_marks = peer.answer()
     result = sender.wait_for_save(tid, stages.left() + 1.0)
@@ -196,6 +204,16 @@ class SenderRun:
                     times.append(timed_kv(self.peer, sender, dest, self.cache, kind, self.tid, n, i == 0)[0])
                 row[f"{kind.value}_GBps"] = nbytes / median(times[-iters:]) / 1e9
                 stages.log(f"{kind.value} {tokens} tokens: {row[f'{kind.value}_GBps']:.2f} GB/s")
+                if kind is TransportKind.TORCH and args.prefill_lead_ms > 0:
+                    stages.enter(f"torch {tokens} tokens, started {args.prefill_lead_ms:g} ms before the KV is "
+                                 f"ready ({iters} transfers)", timeout_s)
+                    ready = []
+                    for _ in range(iters):
+                        self.tid += 1
+                        ready.append(timed_kv(self.peer, sender, dest, self.cache, kind, self.tid, n, False,
+                                              lead_s=args.prefill_lead_ms / 1e3)[0])
+                    row["ready_GBps"] = nbytes / median(ready) / 1e9
+                    row["ready_ratio"] = row["ready_GBps"] / row["baseline_GBps"]
                 if kind is TransportKind.TORCH and args.trace:
                     row["trace"] = self.traced(sender, dest, row, median(times[-iters:]))
             row["ratio"] = row["torch_GBps"] / row["baseline_GBps"]

@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy-programs", type=int, default=defaults.copy_programs,
                    help="main table: programs of the gathers and scatters that overlap a send (0: unbounded; "
                         "TransferConfig.copy_programs; a sweep entry says it with an '@N' suffix)")
+    p.add_argument("--prefill-lead-ms", type=float, default=2.0,
+                   help="also time transfers started this long before their KV is ready (as a prefill worker "
+                        "starts one when the prefill begins), from save_kv to the receiver's end: the "
+                        "'from ready' columns (0: skip)")
     p.add_argument("--trace", action="store_true",
                    help="main table: after each size's timed transfers, --iters more traced on both sides "
                         "(TransferConfig.trace); print the median one's timeline, stage by stage, and where "
@@ -96,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _ready(r: dict) -> str:
+    """The 'from ready' columns: GB/s from save_kv (transfer started ahead) and its ratio to one send."""
+    if "ready_GBps" not in r:
+        return f"{'-':>11} {'-':>6}"
+    return f"{r['ready_GBps']:>11.1f} {r['ready_ratio']:>6.2f}"
+
+
 class Report:
     """The tables on stdout, a row as soon as it is measured, and kv_transfer.json rewritten after each row."""
 
@@ -107,12 +118,12 @@ class Report:
               f"copy programs {args.staging.programs or 'unbounded'}",
               flush=True)
         print(f"{'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} {'ratio':>6} "
-              f"{'grpc GB/s':>10}", flush=True)
+              f"{'from ready':>11} {'ratio':>6} {'grpc GB/s':>10}", flush=True)
 
     def row(self, r: dict) -> None:
         grpc = f"{r['grpc_GBps']:10.2f}" if "grpc_GBps" in r else f"{'-':>10}"
         print(f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
-              f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f} {grpc}", flush=True)
+              f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f} {_ready(r)} {grpc}", flush=True)
         if "trace" in r:
             print(format_trace(r["trace"]), flush=True)
         self.rows.append(r)
@@ -127,11 +138,11 @@ class Report:
         print("sweep: staging BUFFERS x MiB / taper MiB [+spin: receiver spins for headers] "
               "[@N: N copy programs]", flush=True)
         print(f"{'staging':>15} {'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} "
-              f"{'ratio':>6}", flush=True)
+              f"{'ratio':>6} {'from ready':>11} {'ratio':>6}", flush=True)
 
     def sweep_row(self, r: dict) -> None:
         print(f"{r['staging']:>15} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
-              f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f}", flush=True)
+              f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f} {_ready(r)}", flush=True)
         self.sweep.append(r)
         self.write(done=False)
 
