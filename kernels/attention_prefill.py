@@ -1,8 +1,11 @@
 """Paged prefill attention: varlen causal attention of new tokens over a paged cache with a prefix."""
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pdserve.kernels.attention_decode import LOG2E, check_paged_cache, gather_paged_kv, key_mask
 
@@ -48,14 +51,29 @@ def paged_prefill_attention_ref(
 # of BLOCK_N tokens with an online softmax, from the window start (if any) up to its last row's position:
 # tiles wholly above the causal diagonal or before the window are never visited.
 # Keys come from two places: the prefix (positions < seq_len - q_len, earlier steps) from the paged cache
-# through the block table, the new tokens from the contiguous rows of `k`/`v`, which load as whole tiles.
+# through the block table, the new tokens from the rows of `k`/`v`, whole tiles at once through tensor
+# descriptors (the copy engine on Hopper, with no address arithmetic in the program).
 # Only the tiles that straddle an edge pay for a mask: the prefix's partial last tile and the new tokens'
 # diagonal tiles; with a sliding window every tile is masked (its start cuts rows at different keys).
 # Tiles are numbered without a host sync: sequence s owns tiles [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M
 # + s + 1); a program finds its sequence by binary search, and a grid of T // BLOCK_M + S + 1 covers all.
 # NOTE: DOT_FP32 as in attention_decode (interpreter only).
 
-PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+# Best of the H200 sweeps at 8x2048 and 1x16384 but for 64/64/4 warps/3 stages at 8x2048 (1-3% faster there,
+# 10-12% slower at 1x16384); see docs/benchmarks.md (Kernels). Its ~225 KiB of shared memory is Hopper's
+# limit: GPUs with less get 64-key tiles (~130 KiB; 4-9% slower on the H200).
+PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+SMALL_SMEM_CONFIG = {**PREFILL_CONFIG, "BLOCK_N": 64}
+PREFILL_CONFIG_SMEM = 225 << 10  # bytes of shared memory PREFILL_CONFIG takes (head_dim 128, 16-bit)
+
+
+@functools.cache
+def default_config(device: torch.device) -> dict:
+    """PREFILL_CONFIG where the device's per-block shared memory holds it, else SMALL_SMEM_CONFIG."""
+    if device.type != "cuda":
+        return PREFILL_CONFIG
+    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    return SMALL_SMEM_CONFIG if smem is not None and smem < PREFILL_CONFIG_SMEM else PREFILL_CONFIG
 
 
 @triton.jit
@@ -82,9 +100,9 @@ def _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, MASKED: tl.constexpr, DOT_
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
+    q_ptr, k_desc, v_desc, kc_ptr, vc_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
     scale_log2, window, num_seqs,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cn, stride_ch, stride_cb, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -150,23 +168,19 @@ def _prefill_kernel(
             keep &= pos[None, :] > q_pos[:, None] - window
         acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, True, DOT_FP32)
 
-    # New tokens (contiguous rows of k/v), below the diagonal: every key precedes every row.
-    k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
-    v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+    # New tokens ([T, Hkv * D] rows of k/v), below the diagonal: every key precedes every row.
+    # NOTE: with BLOCK_D > HEAD_DIM a tile also holds the next head's first columns; q's are zero there.
     for n0 in range(tl.maximum(lo - prefix, 0) // BLOCK_N * BLOCK_N, m0, BLOCK_N):
-        rows = (q_start + n0 + offs_n).to(tl.int64)[:, None]
-        k = tl.load(k_base + rows * stride_kt, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_base + rows * stride_vt, mask=d_mask[None, :], other=0.0)
+        k = k_desc.load([q_start + n0, kvh * HEAD_DIM])
+        v = v_desc.load([q_start + n0, kvh * HEAD_DIM])
         keep = (n0 + offs_n)[None, :] > offs_m[:, None] - window
         acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, USE_WINDOW, DOT_FP32)
-    # The diagonal tiles: key j is seen by rows >= j.
+    # The diagonal tiles: key j is seen by rows >= j. Rows past q_len are the next sequence's (finite) or
+    # past T (the copy fills zeros): the causal test drops them for every real row.
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
         idx = n0 + offs_n
-        n_mask = idx < q_len
-        rows = (q_start + idx).to(tl.int64)[:, None]
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + rows * stride_kt, mask=nd_mask, other=0.0)
-        v = tl.load(v_base + rows * stride_vt, mask=nd_mask, other=0.0)
+        k = k_desc.load([q_start + n0, kvh * HEAD_DIM])
+        v = v_desc.load([q_start + n0, kvh * HEAD_DIM])
         keep = idx[None, :] <= offs_m[:, None]
         if USE_WINDOW:
             keep &= idx[None, :] > offs_m[:, None] - window
@@ -183,11 +197,12 @@ def paged_prefill_attention_triton(
     block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
     sliding_window: int | None = None, config: dict | None = None,
 ) -> torch.Tensor:
-    """Triton paged_prefill_attention (same contract as the ref); `config` overrides PREFILL_CONFIG.
+    """Triton paged_prefill_attention (same contract as the ref); `config` overrides default_config().
 
-    Reads the prefix's keys/values from the cache and the new tokens' from `k`/`v` (any token stride).
+    Reads the prefix's keys/values from the cache and the new tokens' from `k`/`v`: any token stride, but
+    heads packed (stride(1) == D) and rows 16-byte aligned, as tensor descriptors need.
     """
-    cfg = {**PREFILL_CONFIG, **(config or {})}
+    cfg = {**default_config(q.device), **(config or {})}
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -195,6 +210,10 @@ def paged_prefill_attention_triton(
     assert q.stride(-1) == 1 and q.dtype == k_cache.dtype, "q: D innermost, same dtype as the cache"
     assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim), "k, v: [T, Hkv, D]"
     assert k.stride(-1) == v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype, "k, v: D innermost, q's dtype"
+    assert k.stride(1) == v.stride(1) == head_dim, "k, v: heads packed in each row"
+    assert all(x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0 for x in (k, v)), (
+        "k, v: rows 16-byte aligned"
+    )
     assert k.device == v.device == q.device, "all tensors on one device"
     assert k_cache.shape[3] == head_dim, "q and cache head_dim differ"
     assert num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
@@ -205,16 +224,22 @@ def paged_prefill_attention_triton(
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     # Key tiles are BLOCK_N-aligned: the diagonal ones must start at a row tile's first row.
     assert block_m % block_n == 0, "BLOCK_N must divide BLOCK_M"
+    block_d = triton.next_power_of_2(head_dim)
+    k_desc, v_desc = (
+        TensorDescriptor.from_tensor(x.as_strided((num_tokens, num_kv_heads * head_dim), (x.stride(0), 1)),
+                                     [block_n, block_d])
+        for x in (k, v)
+    )
     out = torch.empty_like(q)
     num_tiles = num_tokens // block_m + num_seqs + 1
     _prefill_kernel[(num_tiles, num_heads)](
-        q, k, v, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k_desc, v_desc, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, sliding_window or 0, num_seqs,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         USE_WINDOW=sliding_window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), DOT_FP32=not q.is_cuda,
+        BLOCK_D=block_d, DOT_FP32=not q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
