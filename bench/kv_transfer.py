@@ -35,8 +35,8 @@ from pdserve.kv_transfer import TransferConfig, TransportKind
 # NVLink SHARP / multicast stay off on the benchmark machines (every process inherits these).
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 ROLES = {SENDER: "sender", RECEIVER: "receiver"}
-# The main table runs the library's default staging (4 x 256 MiB, taper 16 MiB); these are the others tried.
-DEFAULT_SWEEP = "4x64/0,4x64,4x128,4x256/0,4x256/4,4x256/64,2x256,4x512"
+# The main table runs the library's default staging (2 x 512 MiB, taper 128 MiB); these are the others tried.
+DEFAULT_SWEEP = "4x256/16,4x256/64,4x256/16+block,2x512/16,2x512/64,3x512/64,4x512/64,2x256/64"
 
 
 def _ints(text: str) -> list[int]:

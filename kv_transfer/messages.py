@@ -201,13 +201,15 @@ class TransferConfig:
     timeout_s: float = 30.0  # a transfer's deadline, from expect() / start_send() unless given per call
     connect_timeout_s: float = 20.0  # handshake and process-group creation of a new pair
     idle_timeout_s: float = 60.0  # a sender closes a pair unused this long; a receiver gives up at twice it
-    staging_buffers: int = 4
-    # Also the largest message. Large messages amortize each NCCL operation's fixed cost; the taper below
-    # keeps the copies that cannot overlap a send (first gather, last scatter) small all the same.
-    staging_bytes: int = 256 << 20
+    # Two buffers: one is gathered (or scattered) while the other is on the wire.
+    staging_buffers: int = 2
+    # Also the largest message. Large messages amortize each NCCL operation's fixed cost (~60 µs of a
+    # 256 MiB message on NVLink); the taper below keeps the copies that cannot overlap a send (first gather,
+    # last scatter) small all the same. 2 x 512 MiB measured best of 1 GiB of staging (docs/benchmarks.md).
+    staging_bytes: int = 512 << 20
     # First and last messages taper down to about this size (0: every message as large as staging); see
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
-    taper_bytes: int = 16 << 20
+    taper_bytes: int = 128 << 20
     # CUDA: the gathers and scatters that run while a message is on the wire (every one but the first gather
     # and the last scatter) use at most this many programs (0: as many as the copy has blocks), to leave
     # NCCL's kernel SMs and memory bandwidth. Off by default: bounded to 16-64 programs the copies fell
