@@ -52,7 +52,7 @@ def paged_prefill_attention_ref(
 # tiles wholly above the causal diagonal or before the window are never visited.
 # Keys come from two places: the prefix (positions < seq_len - q_len, earlier steps) from the paged cache
 # through the block table, the new tokens from the rows of `k`/`v`, whole tiles at once through tensor
-# descriptors (the copy engine on Hopper, with no address arithmetic in the program).
+# descriptors (the copy engine on Hopper, with no address arithmetic in the program), as are q's rows.
 # Only the tiles that straddle an edge pay for a mask: the prefix's partial last tile and the new tokens'
 # diagonal tiles; with a sliding window every tile is masked (its start cuts rows at different keys).
 # Tiles are numbered without a host sync: sequence s owns tiles [qsl[s] // BLOCK_M + s, qsl[s+1] // BLOCK_M
@@ -100,9 +100,9 @@ def _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, MASKED: tl.constexpr, DOT_
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_desc, v_desc, kc_ptr, vc_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
+    q_desc, k_desc, v_desc, kc_ptr, vc_ptr, o_ptr, bt_ptr, qsl_ptr, lens_ptr,
     scale_log2, window, num_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_ot, stride_oh,
     stride_cn, stride_ch, stride_cb, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -132,11 +132,12 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_len
     d_mask = offs_d < HEAD_DIM
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    # Rows past q_len are the next sequence's queries (their results are not stored).
+    q = q_desc.load([q_start + m0, h * HEAD_DIM])
     if DOT_FP32:
         q = q.to(tl.float32)
+    if BLOCK_D != HEAD_DIM:  # the padding columns hold the next head's first ones: zero them
+        q = tl.where(d_mask[None, :], q, 0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -169,7 +170,7 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend(q, k, v, acc, m_i, l_i, keep, scale_log2, True, DOT_FP32)
 
     # New tokens ([T, Hkv * D] rows of k/v), below the diagonal: every key precedes every row.
-    # NOTE: with BLOCK_D > HEAD_DIM a tile also holds the next head's first columns; q's are zero there.
+    # NOTE: with BLOCK_D > HEAD_DIM a tile also holds the next head's first columns; q zeroed its own.
     for n0 in range(tl.maximum(lo - prefix, 0) // BLOCK_N * BLOCK_N, m0, BLOCK_N):
         k = k_desc.load([q_start + n0, kvh * HEAD_DIM])
         v = v_desc.load([q_start + n0, kvh * HEAD_DIM])
@@ -188,6 +189,7 @@ def _prefill_kernel(
 
     # Every real row saw at least its own key; a padding row past q_len may have seen none (window).
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    q_rows = (q_start + offs_m).to(tl.int64)
     tl.store(o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -199,21 +201,20 @@ def paged_prefill_attention_triton(
 ) -> torch.Tensor:
     """Triton paged_prefill_attention (same contract as the ref); `config` overrides default_config().
 
-    Reads the prefix's keys/values from the cache and the new tokens' from `k`/`v`: any token stride, but
-    heads packed (stride(1) == D) and rows 16-byte aligned, as tensor descriptors need.
+    Reads the prefix's keys/values from the cache and the new tokens' from `k`/`v`. q, k, v: any token
+    stride, but heads packed (stride(1) == D) and rows 16-byte aligned, as tensor descriptors need.
     """
     cfg = {**default_config(q.device), **(config or {})}
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, num_kv_heads, block_size, _ = k_cache.shape
     check_paged_cache(k_cache, v_cache, block_tables, q.device)
-    assert q.stride(-1) == 1 and q.dtype == k_cache.dtype, "q: D innermost, same dtype as the cache"
+    assert q.dtype == k_cache.dtype, "q: same dtype as the cache"
     assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim), "k, v: [T, Hkv, D]"
-    assert k.stride(-1) == v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype, "k, v: D innermost, q's dtype"
-    assert k.stride(1) == v.stride(1) == head_dim, "k, v: heads packed in each row"
-    assert all(x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0 for x in (k, v)), (
-        "k, v: rows 16-byte aligned"
-    )
+    assert k.dtype == v.dtype == q.dtype, "k, v: q's dtype"
+    for x in (q, k, v):
+        assert x.stride(2) == 1 and x.stride(1) == head_dim, "q, k, v: D innermost, heads packed in each row"
+        assert x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0, "q, k, v: rows 16-byte aligned"
     assert k.device == v.device == q.device, "all tensors on one device"
     assert k_cache.shape[3] == head_dim, "q and cache head_dim differ"
     assert num_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
@@ -225,17 +226,17 @@ def paged_prefill_attention_triton(
     # Key tiles are BLOCK_N-aligned: the diagonal ones must start at a row tile's first row.
     assert block_m % block_n == 0, "BLOCK_N must divide BLOCK_M"
     block_d = triton.next_power_of_2(head_dim)
-    k_desc, v_desc = (
-        TensorDescriptor.from_tensor(x.as_strided((num_tokens, num_kv_heads * head_dim), (x.stride(0), 1)),
-                                     [block_n, block_d])
-        for x in (k, v)
+    q_desc, k_desc, v_desc = (
+        TensorDescriptor.from_tensor(x.as_strided((num_tokens, x.shape[1] * head_dim), (x.stride(0), 1)),
+                                     [rows, block_d])
+        for x, rows in ((q, block_m), (k, block_n), (v, block_n))
     )
     out = torch.empty_like(q)
     num_tiles = num_tokens // block_m + num_seqs + 1
     _prefill_kernel[(num_tiles, num_heads)](
-        q, k_desc, v_desc, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q_desc, k_desc, v_desc, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, sliding_window or 0, num_seqs,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         USE_WINDOW=sliding_window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
