@@ -8,7 +8,10 @@ step. Ranks > 0 sit in `serve_steps`, run the same forward in lockstep, and leav
 from __future__ import annotations
 
 import datetime
+import gc
+import logging
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,6 +26,10 @@ from pdserve.engine.parallel import TPGroup
 from pdserve.engine.step import StepBatch
 
 STOP, STEP = 0, 1
+# Longest a rank waits for its process group to be torn down when the gang stops (see TPRank._leave_group).
+LEAVE_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class _GangEngine(LLMEngine):
@@ -98,6 +105,7 @@ class TPRank:
         while True:
             command, flat = self.channel.receive(self.rank - 1)
             if command == STOP:
+                self._leave_group()
                 return steps
             self.runner.forward(StepBatch.unpack(flat))
             steps += 1
@@ -125,8 +133,26 @@ class TPRank:
         return measure(self.engine, context, batches)
 
     def shutdown(self) -> None:
+        """Rank 0: stop the other ranks' loops (each then leaves the group too), then leave it."""
         if self.engine is not None and self.size > 1:
             self.engine.stop_peers()
         if self.channel is not None:
             self.channel.close()
-        dist.destroy_process_group()
+        self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Tear down this rank's process group; every rank does it when the gang stops.
+
+        NOTE: on NCCL the teardown is collective (it flushes and destroys the communicator with the peers), so
+        a rank that left it to its actor being killed would hang the others in theirs. The model (with its
+        CUDA graphs, which hold references on the communicator) is released first, and the teardown runs on a
+        daemon thread bounded by LEAVE_TIMEOUT_S: a peer that never arrives cannot hang this actor.
+        """
+        self.engine = self.runner = None
+        gc.collect()
+        thread = threading.Thread(target=dist.destroy_process_group, name="tp-leave-group", daemon=True)
+        thread.start()
+        thread.join(LEAVE_TIMEOUT_S)
+        if thread.is_alive():
+            log.warning("tp rank %d: process group teardown did not finish within %.0fs; leaving it",
+                        self.rank, LEAVE_TIMEOUT_S)
