@@ -66,12 +66,10 @@ def paged_decode_attention_ref(
     return out[:, :, 0].to(q.dtype)
 
 
-# ---------------------------------------------------------------- Triton (split-K / FlashDecoding, one launch)
+# ---------------------------------------------------------------- Triton (split-K / FlashDecoding)
 # Program (b, kv head, split) walks one slice of sequence b's context in tiles of BLOCK_N tokens and serves
 # all GROUP query heads of its kv head from each K/V tile (rows padded to BLOCK_H >= 16 for tl.dot).
-# With one split the program writes the output itself. With several, each slice writes an fp32 partial output
-# and its log-sum-exp, and the last slice of each (sequence, kv head) to finish merges them: a second merge
-# launch cost ~3-5 us, which is most of a batch-1 step at short contexts.
+# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices.
 # NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
 # it is False on GPU, where the dots take the cache dtype (tensor cores).
 
@@ -80,17 +78,15 @@ DECODE_CONFIG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 SPLIT_TARGET_WAVES = 4  # split while the grid is under ~4 programs per SM (B64 x 8 kv heads: unsplit)
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial write) starts to show
 MAX_SPLITS = 64
-MERGE_SPLITS = 8  # partials the merging program loads at once: [8, GROUP, D] fp32 stays in registers
 
 
 @triton.jit
-def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr, out_ptr, count_ptr,
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
     scale_log2, window, num_splits,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt, stride_ob, stride_oh,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
@@ -135,50 +131,27 @@ def _decode_kernel(
 
     # An empty slice (short sequence) leaves l_i = 0: it writes lse = -inf and zeros, weight 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    if not SPLIT:
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
-    else:
-        num_heads = tl.num_programs(1) * GROUP
-        row = (b * num_heads + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
-        tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
-        # Every thread's partial stores precede the barrier, the barrier precedes the release: the slice that
-        # draws the last ticket (acquire) sees all num_splits partials. It sets the counter back to 0, so the
-        # next call (or graph replay) starts from a clean workspace without a memset.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            tl.debug_barrier()
-            offs_s = tl.arange(0, BLOCK_S)
-            offs_g = tl.arange(0, BLOCK_G)
-            g_mask = offs_g < GROUP
-            base = (b * num_heads + kvh * GROUP + offs_g) * num_splits  # [BLOCK_G] first row of each head
-            s_mask = (offs_s < num_splits)[:, None] & g_mask[None, :]
-            # .cg: read the other slices' partials from L2, never from a line this SM's L1 may hold.
-            lse = tl.load(lse_ptr + base[None, :] + offs_s[:, None], mask=s_mask, other=float("-inf"),
-                          cache_modifier=".cg")  # [BLOCK_S, BLOCK_G]
-            m = tl.max(lse, 0)
-            m = tl.where(m > float("-inf"), m, 0.0)  # a zero-length sequence (padding): all weights 0
-            offs_ms = tl.arange(0, MERGE_S)
-            w_sum = tl.zeros([BLOCK_G], tl.float32)
-            merged = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for s0 in range(0, num_splits, MERGE_S):
-                ss = s0 + offs_ms
-                m_mask = (ss < num_splits)[:, None] & g_mask[None, :]  # [MERGE_S, BLOCK_G]
-                r = base[None, :] + ss[:, None]
-                lse_c = tl.load(lse_ptr + r, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
-                part = tl.load(part_ptr + r[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                               mask=m_mask[:, :, None] & (offs_d < HEAD_DIM)[None, None, :], other=0.0,
-                               cache_modifier=".cg")  # [MERGE_S, BLOCK_G, BLOCK_D]
-                w = tl.exp2(lse_c - m[None, :])
-                w_sum += tl.sum(w, 0)
-                merged += tl.sum(w[:, :, None] * part, 0)
-            merged = merged / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-            o_ptrs = out_ptr + b * stride_ob + (kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptrs, merged.to(out_ptr.dtype.element_ty),
-                     mask=g_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
-            tl.atomic_xchg(count_ptr + b * tl.num_programs(1) + kvh, 0, sem="relaxed", scope="gpu")
+    row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
+    tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
+    lse = tl.load(lse_ptr + row, mask=offs_s < num_splits, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # slice 0 is never empty, so the max is finite
+    mask = (offs_s < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 @functools.cache
@@ -191,24 +164,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     """Splits per sequence so that batch x kv_heads x splits fills the GPU, from shapes only (graph-safe)."""
     want = SPLIT_TARGET_WAVES * _num_sms(device) // (batch * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context, MIN_SPLIT_TOKENS), MAX_SPLITS))
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 arrival counters, one per (sequence, kv head), kept per device across calls.
-
-    Every call leaves them at 0 again (the merging slice resets its counter), so one buffer serves every call
-    and graph replay. It grows only outside capture: the engine runs each batch size once before capturing.
-    NOTE: shared by all calls on a device, so two decode attentions must not run concurrently on two streams.
-    """
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "split counters must be allocated before graph capture"
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
 
 
 def check_paged_cache(
@@ -242,25 +197,22 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    split = num_splits > 1
-    if split:
-        part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counts = split_counters(batch * num_kv_heads, q.device)
-    else:  # never read: the unsplit programs write out directly
-        part = lse = out
-        counts = context_lens
     block_d = triton.next_power_of_2(head_dim)
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, out, counts,
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse,
         scale * LOG2E, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
-        DOT_FP32=not q.is_cuda, SPLIT=split, BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_G=triton.next_power_of_2(group), MERGE_S=min(MERGE_SPLITS, triton.next_power_of_2(num_splits)),
+        DOT_FP32=not q.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        part, lse, out, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
     )
     return out

@@ -127,23 +127,6 @@ def test_decode_triton(seq_lens, q_lens, hq, hkv, window, dtype, num_splits, poi
 
 
 @runs_triton
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 16 > tiles of the short sequences: empty slices
-def test_decode_triton_merges_in_one_launch(num_splits, poisoned):
-    """The last slice to arrive merges: every call (here two in a row, fresh data each) leaves the shared
-    arrival counters at 0, and one split writes the output without partials."""
-    seq_lens = [70, 3, 33]
-    for _ in range(2):
-        k_cache, v_cache, table = make_cache(seq_lens, 2, 16, 8, torch.float32)
-        q = torch.randn(len(seq_lens), 6, 16)
-        args = (q, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int32), 0.25, None)
-        out = attention_decode.paged_decode_attention_triton(
-            *args, num_splits=num_splits, config={"BLOCK_N": 16}
-        )
-        assert_close(out, attention_decode.paged_decode_attention_ref(*args))
-        assert not attention_decode.split_counters(len(seq_lens) * 2, q.device).any()
-
-
-@runs_triton
 @pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_m", [16, 32])  # 32: two diagonal key tiles per row tile
