@@ -69,24 +69,29 @@ def paged_decode_attention_ref(
 # ---------------------------------------------------------------- Triton (split-K / FlashDecoding)
 # Program (b, kv head, split) walks one slice of sequence b's context in tiles of BLOCK_N tokens and serves
 # all GROUP query heads of its kv head from each K/V tile (rows padded to BLOCK_H >= 16 for tl.dot).
-# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices.
+# Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices. With one
+# split the program writes the output itself: no partials, no merge launch (B >= 64 at 8 kv heads on 132 SMs).
+# NOTE: merging inside the split kernel (the last slice of each (sequence, kv head) to arrive, found by an
+# atomic counter) measured slower than the merge launch: one program then merges serially after all others
+# finished (docs/benchmarks.md, Rejected).
 # NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
 # it is False on GPU, where the dots take the cache dtype (tensor cores).
 
 # Tile and split defaults from the H200 sweep in docs/benchmarks.md (Kernels).
-DECODE_CONFIG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 SPLIT_TARGET_WAVES = 4  # split while the grid is under ~4 programs per SM (B64 x 8 kv heads: unsplit)
-MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial write) starts to show
+MIN_SPLIT_TOKENS = 64  # one tile per slice: batch 1 at ctx 4096 ran best at 64 splits
 MAX_SPLITS = 64
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr, out_ptr,
     scale_log2, window, num_splits,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
@@ -131,9 +136,13 @@ def _decode_split_kernel(
 
     # An empty slice (short sequence) leaves l_i = 0: it writes lse = -inf and zeros, weight 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
-    tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
-    tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
+    if SPLIT:
+        row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_H] into [B, Hq, S]
+        tl.store(lse_ptr + row, m_i + tl.log2(l_safe), mask=offs_h < GROUP)
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=hd_mask)
+    else:
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
 
 
 @triton.jit
@@ -197,20 +206,26 @@ def paged_decode_attention_triton(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
-    part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    split = num_splits > 1
+    if split:
+        part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:  # never touched: the one slice writes out
+        part = lse = out
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, out,
         scale * LOG2E, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
-        DOT_FP32=not q.is_cuda,
+        DOT_FP32=not q.is_cuda, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if not split:
+        return out
     _decode_merge_kernel[(batch, num_heads)](
         part, lse, out, num_splits, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,

@@ -116,7 +116,7 @@ def test_prefill_ref(seq_lens, q_lens, hq, hkv, window, dtype):
 @runs_triton
 @pytest.mark.parametrize("seq_lens,q_lens,hq,hkv,window", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 3, 40])  # 1: written without partials; 40: mostly empty slices
 def test_decode_triton(seq_lens, q_lens, hq, hkv, window, dtype, num_splits, poisoned):
     k_cache, v_cache, table = make_cache(seq_lens, hkv, 16, 8, dtype)
     q = torch.randn(len(seq_lens), hq, 16, dtype=dtype)
@@ -142,7 +142,8 @@ def test_prefill_triton(seq_lens, q_lens, hq, hkv, window, dtype, block_m, poiso
 @on_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 1000])
-def test_decode_gpu(dtype, window, poisoned):
+@pytest.mark.parametrize("num_splits", [None, 1, 64])  # None: the automatic choice (2 at 24 sequences)
+def test_decode_gpu(dtype, window, num_splits, poisoned):
     seq_lens = torch.randint(1, 5000, (24,)).tolist()
     k_cache, v_cache, table = make_cache(seq_lens, 8, 128, 16, dtype, DEVICE)
     q = torch.randn(len(seq_lens), 32, 128, dtype=dtype, device=DEVICE)
@@ -156,7 +157,7 @@ def test_decode_gpu(dtype, window, poisoned):
         window,
     )
     assert_close(
-        attention_decode.paged_decode_attention_triton(*args),
+        attention_decode.paged_decode_attention_triton(*args, num_splits=num_splits),
         attention_decode.paged_decode_attention_ref(*args),
     )
 
