@@ -146,51 +146,46 @@ def prefill_case(batch, seq, ceil, configs=(None,)):
     return rows
 
 
-def elementwise_cases(ceil) -> list[dict]:
-    bw = ceil["copy_bytes_per_s"]
-    rows = []
-    x, res = (
-        torch.randn(4096, 4096, dtype=DT, device="cuda"),
-        torch.randn(4096, 4096, dtype=DT, device="cuda"),
-    )
-    w = torch.randn(4096, dtype=DT, device="cuda")
+def _token_cases(tokens: int, bw: float) -> list[dict]:
+    """Norms, RoPE, SiLU-and-mul and the KV store over `tokens` tokens (the store: twice as many)."""
+    rows, h = [], 4096
+    x, res = torch.randn(tokens, h, dtype=DT, device="cuda"), torch.randn(tokens, h, dtype=DT, device="cuda")
+    w = torch.randn(h, dtype=DT, device="cuda")
     t = ms(lambda: norm.fused_add_rms_norm_triton(x, res, w, 1e-6))
-    t_torch = ms(lambda: F.rms_norm(x + res, (4096,), w, 1e-6))
-    rows.append(row("fused_add_rms_norm", "4096x4096", t, t_torch, 4 * x.numel() * 2, bw, "bytes_per_s"))
-    t = ms(lambda: norm.rms_norm_triton(x, w, 1e-6))
-    rows.append(
-        row(
-            "rms_norm",
-            "4096x4096",
-            t,
-            ms(lambda: F.rms_norm(x, (4096,), w, 1e-6)),
-            2 * x.numel() * 2,
-            bw,
-            "bytes_per_s",
-        )
-    )
+    t_torch = ms(lambda: F.rms_norm(x + res, (h,), w, 1e-6))
+    rows.append(row("fused_add_rms_norm", f"{tokens}x{h}", t, t_torch, 4 * x.numel() * 2, bw, "bytes_per_s"))
+    t, t_torch = ms(lambda: norm.rms_norm_triton(x, w, 1e-6)), ms(lambda: F.rms_norm(x, (h,), w, 1e-6))
+    rows.append(row("rms_norm", f"{tokens}x{h}", t, t_torch, 2 * x.numel() * 2, bw, "bytes_per_s"))
 
     cache = rope.build_cos_sin_cache(D, 8192, 500000.0, None).cuda()
-    pos = torch.randint(0, 8192, (4096,), device="cuda")
-    q, k = (
-        torch.randn(4096, HQ, D, dtype=DT, device="cuda"),
-        torch.randn(4096, HKV, D, dtype=DT, device="cuda"),
-    )
-    amount = 2 * (q.numel() + k.numel()) * 2 + 4096 * D * 4
+    pos = torch.randint(0, 8192, (tokens,), device="cuda")
+    q, k = torch.randn(tokens, HQ, D, dtype=DT, device="cuda"), torch.randn(tokens, HKV, D, dtype=DT, device="cuda")
+    amount = 2 * (q.numel() + k.numel()) * 2 + tokens * D * 4
     t, t_torch = ms(lambda: rope.rope_triton(q, k, pos, cache)), ms(lambda: rope.rope_ref(q, k, pos, cache))
-    rows.append(row("rope", "T4096 32q/8kv", t, t_torch, amount, bw, "bytes_per_s"))
+    rows.append(row("rope", f"T{tokens} 32q/8kv", t, t_torch, amount, bw, "bytes_per_s"))
 
-    gu = torch.randn(4096, 2 * 14336, dtype=DT, device="cuda")
+    gu = torch.randn(tokens, 2 * 14336, dtype=DT, device="cuda")
     t, t_torch = ms(lambda: activation.silu_and_mul_triton(gu)), ms(lambda: activation.silu_and_mul_ref(gu))
-    rows.append(row("silu_and_mul", "4096x14336", t, t_torch, gu.numel() * 2 * 3 // 2, bw, "bytes_per_s"))
+    rows.append(row("silu_and_mul", f"{tokens}x14336", t, t_torch, gu.numel() * 2 * 3 // 2, bw, "bytes_per_s"))
 
-    kv = torch.randn(8192, 2, HKV, D, dtype=DT, device="cuda")
-    caches = torch.randn(2, 8192, HKV, BS, D, dtype=DT, device="cuda")
-    slots = torch.randperm(8192 * BS, device="cuda")[:8192]
+    n = 2 * tokens
+    kv = torch.randn(n, 2, HKV, D, dtype=DT, device="cuda")
+    caches = torch.randn(2, n, HKV, BS, D, dtype=DT, device="cuda")
+    slots = torch.randperm(n * BS, device="cuda")[:n]
     args = (kv[:, 0], kv[:, 1], caches[0], caches[1], slots)
     t, t_torch = ms(lambda: kv_store.store_kv_triton(*args)), ms(lambda: kv_store.store_kv_ref(*args))
-    rows.append(row("store_kv", "T8192", t, t_torch, 2 * kv.numel() * 2, bw, "bytes_per_s"))
-    del caches
+    rows.append(row("store_kv", f"T{n}", t, t_torch, 2 * kv.numel() * 2, bw, "bytes_per_s"))
+    return rows
+
+
+def elementwise_cases(ceil) -> list[dict]:
+    """Each bandwidth kernel at a decode-to-small-prefill size (4096 tokens: tens of µs, where launch and
+    tail costs weigh) and at a size that keeps the GPU busy longer (32768 tokens, a long prefill chunk);
+    then the block gather/scatter of KV transfer."""
+    bw = ceil["copy_bytes_per_s"]
+    rows = []
+    for tokens in (4096, 32768):
+        rows += _token_cases(tokens, bw)
 
     kv_cache = torch.randn(32, 2, 4096, HKV, BS, D, dtype=DT, device="cuda")  # 8 GiB
     ids = torch.randperm(4096, device="cuda")[:1024]
