@@ -66,8 +66,14 @@ class _Guard:
                 heapq.heappop(self._heap)
                 callback = self._armed.pop(token)
                 self._fired.add(token)
-            with contextlib.suppress(Exception):  # best effort: the waiter reports the deadline itself
-                callback()
+            # On a thread of its own: a callback that blocks (an NCCL abort can) must not hold up the other
+            # waits' deadlines, which this one thread serves for the whole process.
+            threading.Thread(target=_run_quietly, args=(callback,), name="kv-deadline-expired", daemon=True).start()
+
+
+def _run_quietly(callback: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):  # best effort: the waiter reports the deadline itself
+        callback()
 
 
 _GUARD = _Guard()

@@ -24,6 +24,7 @@ class Incoming:
     conns: set[int] = field(default_factory=set)
     # CUDA: the latest scatter enqueued on each side stream (one per pair delivering to this transfer)
     scatters: dict[int, torch.cuda.Event] = field(default_factory=dict)
+    launching: int = 0  # scatters being launched right now (outside `lock`): their blocks are not free yet
     lock: threading.Lock = field(default_factory=threading.Lock)  # orders scatters against failure
     pinned_ids: torch.Tensor | None = None  # CUDA: [n] int64 in pinned host memory, made by expect()
     block_index: torch.Tensor | None = None  # [n] int64 on the cache's device, made by the first scatter
@@ -31,4 +32,4 @@ class Incoming:
 
     def scatters_done(self) -> bool:
         with self.lock:
-            return all(event.query() for event in self.scatters.values())
+            return not self.launching and all(event.query() for event in self.scatters.values())

@@ -187,13 +187,24 @@ class KVReceiver:
             if inc.block_index is None:  # here, on the transfer's stream: the step loop's stream never waits
                 ids = inc.pinned_ids if inc.pinned_ids is not None else inc.block_ids
                 inc.block_index = device_index(ids, self.kv_cache.device)
+            index = inc.block_index[part.blocks[0]:part.blocks[1]]
+            inc.launching += 1
+        # NOTE: launched outside inc.lock: a launch that blocks in the driver (a kernel's module loaded while a
+        # receive from a dead peer keeps the GPU busy) must not keep _fail from ending the transfer on time.
+        # `launching` keeps the blocks out of the pool until the scatter is accounted for.
+        event = None
+        try:
             programs = (self.config.copy_programs or None) if overlapped else None
-            ops.scatter_blocks(buf, self.kv_cache, inc.block_index[part.blocks[0]:part.blocks[1]],
-                               part.layers, heads, programs)
+            ops.scatter_blocks(buf, self.kv_cache, index, part.layers, heads, programs)
             if buf.is_cuda:
                 event = torch.cuda.Event()
                 event.record()
-                inc.scatters[torch.cuda.current_stream().stream_id] = event
+        finally:
+            with inc.lock:
+                inc.launching -= 1
+                if event is not None:
+                    inc.scatters[torch.cuda.current_stream().stream_id] = event
+        with inc.lock:
             inc.num_bytes += buf.numel() * buf.element_size()
         return True
 
@@ -222,9 +233,10 @@ class KVReceiver:
             if inc.state.finished:
                 return
             inc.state = TransferState.FAILED
+        # The caller learns first; tearing the pairs down may take longer (an NCCL abort).
+        self._finish(inc, TransferState.FAILED, reason)
         for conn_id in inc.conns:
             self._ingest.drop_conn(conn_id)
-        self._finish(inc, TransferState.FAILED, reason)
         if not inc.scatters_done():
             with self._lock:
                 self._quarantine.append(inc)

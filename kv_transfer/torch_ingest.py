@@ -14,7 +14,15 @@ from pdserve.kv_transfer.cuda_wait import sync_event
 from pdserve.kv_transfer.layout import KVLayout, check_match
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.pair_store import StoreListener, _td, closed_key
-from pdserve.kv_transfer.torch_dist import RECEIVER, SENDER, group_timeout_s, make_group, recv_header, wait_work
+from pdserve.kv_transfer.torch_dist import (
+    RECEIVER,
+    SENDER,
+    abort_in_background,
+    group_timeout_s,
+    make_group,
+    recv_header,
+    wait_work,
+)
 from pdserve.kv_transfer.trace import NO_TRACE
 
 # An NCCL pair with no expected transfer re-checks this often whether it was dropped or went idle too long.
@@ -184,9 +192,9 @@ class TorchDistIngest:
             self._listener.store.set(closed_key(conn_id), "1")
         if pair.group is not None and self.device.type == "cuda":
             # NCCL receives (a header's, or those of a dead sender) never finish on their own; aborting ends
-            # them and wakes the pair's thread from its wait (gloo ones time out).
-            with contextlib.suppress(Exception):
-                pair.group.abort()
+            # them and wakes the pair's thread from its wait (gloo ones time out). On a thread of its own:
+            # an abort that takes long (or never returns) holds up no caller (the watchdog, the deadline guard).
+            abort_in_background(pair.group, f"kv-abort-recv-{conn_id}")
 
     def _reap(self) -> None:
         """NCCL (on the listener thread, every StoreListener.TICK_S): drop the pairs their senders closed.
@@ -216,3 +224,4 @@ class TorchDistIngest:
             conn_ids = list(self._pairs)
         for conn_id in conn_ids:
             self.drop_conn(conn_id)
+

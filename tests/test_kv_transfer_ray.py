@@ -33,17 +33,18 @@ def global_cache(seed: int) -> torch.Tensor:
 class KVRank:
     """One prefill or decode rank: its slice of a cache, a block pool stand-in, a sender or a receiver."""
 
-    def setup(self, role: str, tp_size: int, tp_rank: int, transport=None, config=CONFIG, seed=0, **layout):
+    def setup(self, role: str, tp_size: int, tp_rank: int, transport=None, config=CONFIG, seed=0, device="cpu",
+              **layout):
         if getattr(self, "end", None) is not None:
             self.end.close()
         base = KVLayout("tiny", "bfloat16", NUM_LAYERS, BLOCK_SIZE, HEAD_DIM, NUM_HEADS, tp_size, tp_rank)
         self.layout = KVLayout(**{**base.to_dict(), **layout})
         hs, he = self.layout.heads
-        cache = global_cache(seed)[:, :, :, hs:he].clone()
+        cache = global_cache(seed)[:, :, :, hs:he].clone().to(device)  # on a GPU actor "cuda" is its own GPU
         if role == "receiver":
             cache.zero_()
         if self.layout.head_dim != HEAD_DIM:
-            cache = torch.zeros(*cache.shape[:-1], self.layout.head_dim, dtype=cache.dtype)
+            cache = torch.zeros(*cache.shape[:-1], self.layout.head_dim, dtype=cache.dtype, device=device)
         self.cache, self.free, self.lock = cache, set(range(NUM_BLOCKS)), threading.Lock()
         if role == "receiver":
             self.end = KVReceiver(self.layout, cache, self.give, transport, config=config)
@@ -67,10 +68,18 @@ class KVRank:
         return len(self.free) == NUM_BLOCKS
 
     def blocks(self, ids: list[int]) -> torch.Tensor:
-        return self.cache[:, :, ids].clone()
+        return self.cache[:, :, ids].cpu()
 
     def stats(self) -> dict:
         return self.end.stats.snapshot()
+
+    def stacks(self) -> str:
+        """Every thread's stack in this process (for a failure message: where a transfer thread is stuck)."""
+        import traceback
+
+        names = {t.ident: t.name for t in threading.enumerate()}
+        return "\n".join(f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                         for ident, frame in sys._current_frames().items())
 
     def call(self, method: str, *args):
         return getattr(self.end, method)(*args)
