@@ -48,7 +48,9 @@ def scatter_blocks_ref(
     _view(kv_cache, layers, heads).index_copy_(2, block_ids, buf)
 
 
-@triton.jit
+# Sizes are not specialized on (a message of 1 block or of 16 runs the same binary), so one warm-up per
+# head count loads every variant a transfer will use (load_kernels).
+@triton.jit(do_not_specialize=["num_ids", "num_items"])
 def _block_copy_kernel(
     cache_ptr, buf_ptr, ids_ptr, num_ids, num_items, stride_l, stride_kv, stride_n, stride_h,
     NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TO_BUF: tl.constexpr,
@@ -134,3 +136,19 @@ def scatter_blocks_triton(
 ) -> None:
     """Triton scatter_blocks (same contract as the ref)."""
     _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False, num_programs=num_programs)
+
+
+def load_kernels(kv_cache: torch.Tensor) -> None:
+    """CUDA: run the gather and the scatter once, on a scratch block shaped like `kv_cache`'s, so their code is
+    loaded now. NOTE: CUDA loads a kernel's module lazily, at its first launch, and loading waits for the GPU
+    to drain; a first launch while an NCCL receive waits for a peer (a KV transfer in flight) would wait as
+    long as that receive, forever if the peer died."""
+    if not kv_cache.is_cuda:
+        return
+    _, _, _, num_heads, block_size, head_dim = kv_cache.shape
+    scratch = torch.zeros(1, 2, 1, num_heads, block_size, head_dim, dtype=kv_cache.dtype, device=kv_cache.device)
+    ids = torch.zeros(1, dtype=torch.int64, device=kv_cache.device)
+    buf = torch.empty_like(scratch)
+    gather_blocks_into_triton(scratch, ids, buf)
+    scatter_blocks_triton(buf, scratch, ids)
+    torch.cuda.synchronize(kv_cache.device)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from pdserve.errors import TransferError
-from pdserve.kernels import ops
+from pdserve.kernels import block_copy, ops
 from pdserve.kv_transfer.incoming import Incoming
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.ledger import FINISHED_KEPT, TransferLedger
@@ -43,6 +43,7 @@ class KVReceiver:
         self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
         self.stats = TransferStats()
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        block_copy.load_kernels(kv_cache)  # before any transfer can keep the GPU busy
         self._release = release_blocks
         self._lock = threading.Condition()
         self._book = TransferLedger(self._lock, "receiver")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.errors import TransferError
+from pdserve.kernels import block_copy
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.ledger import TransferLedger
 from pdserve.kv_transfer.messages import (
@@ -77,6 +78,7 @@ class KVSender:
         self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
         self.stats = TransferStats()
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        block_copy.load_kernels(kv_cache)  # before any transfer can keep the GPU busy
         self._release = release_blocks
         self._lock = threading.Condition()
         self._book = TransferLedger(self._lock, "sender")

@@ -69,3 +69,12 @@ def test_wrong_cache_rank_is_named():
     ids = torch.tensor([1, 2])
     with pytest.raises(AssertionError, match=r"kv_cache: \[L, 2, N, Hkv, Bs, D\]"):
         block_copy.gather_blocks_into_triton(cache, ids, torch.empty(2, 2, 2, 4, 8))
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_load_kernels_leaves_the_cache_untouched():
+    kv_cache = torch.randn(4, 2, 64, 8, 16, 128, dtype=torch.bfloat16, device=DEVICE)
+    before = kv_cache.clone()
+    block_copy.load_kernels(kv_cache)  # works on a scratch block of its own
+    assert torch.equal(kv_cache, before)
