@@ -103,14 +103,17 @@ def connect_nccl(group: dist.ProcessGroup, rank: int, device: torch.device, dead
         raise TransferError(f"NCCL communicator of pair {conn_id} could not be set up: {errors[0]}")
 
 
-def abort_in_background(group: dist.ProcessGroup, name: str) -> None:
-    """Abort an NCCL pair's group on a daemon thread: an abort that takes long (or never returns: it waits for
-    its kernels to leave) must hold up none of the threads that end transfers on time."""
+def abort_in_background(group: dist.ProcessGroup, name: str, wait_s: float) -> None:
+    """Abort an NCCL pair's group on a daemon thread, waiting for it at most `wait_s`: an abort that takes
+    long (or never returns: it waits for its kernels to leave) must hold up none of the threads that end
+    transfers on time, while a healthy one (milliseconds) is over before the caller goes on."""
     def run() -> None:
         with contextlib.suppress(Exception):
             group.abort()
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(wait_s)
 
 
 def wait_work(work: dist.Work, deadline: float, cuda: bool) -> None:
@@ -217,4 +220,4 @@ class TorchDistLink:
                 wait_work(group.send([close], RECEIVER, 0), time.monotonic() + 1.0, False)
             self._handshake.mark_closed()
         if self._cuda:  # every send has completed (flush) or is abandoned: nothing left to wait for
-            abort_in_background(group, f"kv-abort-send-{self._handshake.conn_id}")
+            abort_in_background(group, f"kv-abort-send-{self._handshake.conn_id}", wait_s=5.0)

@@ -194,7 +194,7 @@ class TorchDistIngest:
             # NCCL receives (a header's, or those of a dead sender) never finish on their own; aborting ends
             # them and wakes the pair's thread from its wait (gloo ones time out). On a thread of its own:
             # an abort that takes long (or never returns) holds up no caller (the watchdog, the deadline guard).
-            abort_in_background(pair.group, f"kv-abort-recv-{conn_id}")
+            abort_in_background(pair.group, f"kv-abort-recv-{conn_id}", wait_s=1.0)
 
     def _reap(self) -> None:
         """NCCL (on the listener thread, every StoreListener.TICK_S): drop the pairs their senders closed.
