@@ -51,7 +51,8 @@ def scatter_blocks_ref(
 # Neither sizes nor the ids' alignment are specialized on (a message of 1 block or of 16, starting at any
 # block of a transfer, runs the same binary), so one warm-up per head count loads every variant a transfer
 # will use (load_kernels).
-@triton.jit(do_not_specialize=["num_ids", "num_items"], do_not_specialize_on_alignment=["ids_ptr"])
+@triton.jit(do_not_specialize=["num_ids", "num_items"],
+            do_not_specialize_on_alignment=["ids_ptr", "num_ids", "num_items"])
 def _block_copy_kernel(
     cache_ptr, buf_ptr, ids_ptr, num_ids, num_items, stride_l, stride_kv, stride_n, stride_h,
     NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TO_BUF: tl.constexpr,
