@@ -180,8 +180,7 @@ class SenderRun:
         """One row per size with this staging configuration; `report(row)` as soon as each is measured."""
         args, stages = self.args, self.stages
         stages.enter(f"configuring staging {staging}", 2 * args.stage_timeout)
-        endpoints = self.peer.ask("configure", staging=(staging.buffers, staging.mib, staging.taper_mib, staging.spin,
-                                                          staging.programs),
+        endpoints = self.peer.ask("configure", staging=(staging.buffers, staging.mib, staging.taper_mib, staging.spin),
                                   kinds=[k.value for k in kinds])
         sender = KVSender(self.layout, self.cache, lambda ids: None, config=staging.config(args.stage_timeout))
         runs = [(TransportKind.TORCH, args.warmup, args.iters, args.stage_timeout),

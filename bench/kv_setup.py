@@ -31,37 +31,29 @@ TINY = Shape(num_layers=4, num_kv_heads=2, head_dim=32, block_size=16, dtype="bf
 @dataclass(frozen=True)
 class Staging:
     """One staging configuration: buffers x MiB, first/last messages tapered down to taper_mib (0: off);
-    spin: the receiver spins for headers (TransferConfig.spin_for_header); programs: the overlapped gathers
-    and scatters run on at most this many programs (TransferConfig.copy_programs, 0: unbounded)."""
+    spin: the receiver spins for headers (TransferConfig.spin_for_header)."""
 
     buffers: int
     mib: int
     taper_mib: float
     spin: bool = False
-    programs: int = 0
 
     @classmethod
-    def parse(cls, text: str, default_taper_mib: float, default_spin: bool = False,
-              default_programs: int = 0) -> Staging:
-        """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8+spin' or '4x256+block', and '@32' at the
-        end for 32 copy programs ('4x256/16+spin@32')."""
-        text, _, programs = text.partition("@")
+    def parse(cls, text: str, default_taper_mib: float, default_spin: bool = False) -> Staging:
+        """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8+spin' or '4x256+block'."""
         text, _, wait = text.partition("+")
         size, _, taper = text.partition("/")
         buffers, _, mib = size.partition("x")
         spin = {"spin": True, "block": False, "": default_spin}[wait]
-        return cls(int(buffers), int(mib), float(taper) if taper else default_taper_mib, spin,
-                   int(programs) if programs else default_programs)
+        return cls(int(buffers), int(mib), float(taper) if taper else default_taper_mib, spin)
 
     def __str__(self) -> str:
-        return (f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "+block")
-                + (f"@{self.programs}" if self.programs else ""))
+        return f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "+block")
 
     def config(self, stage_timeout: float) -> TransferConfig:
         return TransferConfig(timeout_s=stage_timeout, connect_timeout_s=stage_timeout, idle_timeout_s=600,
                               staging_buffers=self.buffers, staging_bytes=self.mib << 20,
-                              taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin,
-                              copy_programs=self.programs)
+                              taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin)
 
 
 def make_cache(args, rank: int, device: torch.device) -> tuple[torch.Tensor, KVLayout]:

@@ -4,9 +4,6 @@ import triton
 import triton.language as tl
 
 Range = tuple[int, int] | None
-# num_programs (Triton only): run the copy on at most this many programs, each looping over its share, so a
-# copy that overlaps an NCCL transfer leaves the SMs and memory bandwidth that the transfer's kernel needs.
-# None: one program per (block, layer, K/V), the fastest copy on an idle GPU. The references ignore it.
 
 
 def _view(kv_cache: torch.Tensor, layers: Range, heads: Range) -> torch.Tensor:
@@ -29,7 +26,6 @@ def gather_blocks_into_ref(
     out: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
-    num_programs: int | None = None,
 ) -> torch.Tensor:
     """Like gather_blocks_ref, but into the given contiguous staging buffer `out`; returns out."""
     torch.index_select(_view(kv_cache, layers, heads), 2, block_ids, out=out)
@@ -42,45 +38,40 @@ def scatter_blocks_ref(
     block_ids: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
-    num_programs: int | None = None,
 ) -> None:
     """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache in place."""
     _view(kv_cache, layers, heads).index_copy_(2, block_ids, buf)
 
 
-# Neither sizes nor the ids' alignment are specialized on (a message of 1 block or of 16, starting at any
-# block of a transfer, runs the same binary), so one warm-up per head count loads every variant a transfer
-# will use (load_kernels).
-@triton.jit(do_not_specialize=["num_ids", "num_items"],
-            do_not_specialize_on_alignment=["ids_ptr", "num_ids", "num_items"])
+# Neither the block count nor the ids' alignment is specialized on (a message of 1 block or of 16, starting
+# at any block of a transfer, runs the same binary), so one warm-up per head count loads every variant a
+# transfer will use (load_kernels).
+@triton.jit(do_not_specialize=["num_ids"], do_not_specialize_on_alignment=["ids_ptr", "num_ids"])
 def _block_copy_kernel(
-    cache_ptr, buf_ptr, ids_ptr, num_ids, num_items, stride_l, stride_kv, stride_n, stride_h,
+    cache_ptr, buf_ptr, ids_ptr, num_ids, stride_l, stride_kv, stride_n, stride_h,
     NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TO_BUF: tl.constexpr,
 ):
-    # Item i = (layer*2 + kv) * num_ids + j moves block ids[j] of one layer's K or V: NUM_HEADS chunks of
-    # CHUNK = block_size * D contiguous elements each. cache_ptr already points at (first layer, first head).
-    # Program p takes items p, p + P, p + 2P, ... (P programs: one item each unless num_programs bounds P).
+    # Program (j, layer*2 + kv) moves block ids[j] of one layer's K or V: NUM_HEADS chunks of CHUNK =
+    # block_size * D contiguous elements each. cache_ptr already points at (first layer, first head).
+    j = tl.program_id(0).to(tl.int64)
+    lkv = tl.program_id(1).to(tl.int64)
+    block = tl.load(ids_ptr + j)
+    src = cache_ptr + (lkv // 2) * stride_l + (lkv % 2) * stride_kv + block * stride_n
+    dst = buf_ptr + (lkv * num_ids + j) * NUM_HEADS * CHUNK
     offs = tl.arange(0, BLOCK)
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        item64 = tl.zeros([], dtype=tl.int64) + item  # int64 offsets (also under the interpreter)
-        j = item64 % num_ids
-        lkv = item64 // num_ids
-        block = tl.load(ids_ptr + j)
-        src = cache_ptr + (lkv // 2) * stride_l + (lkv % 2) * stride_kv + block * stride_n
-        dst = buf_ptr + item64 * NUM_HEADS * CHUNK
-        for h in range(NUM_HEADS):
-            for c in range(0, CHUNK, BLOCK):
-                mask = c + offs < CHUNK
-                cache_at = src + h * stride_h + c + offs
-                buf_at = dst + h * CHUNK + c + offs
-                if TO_BUF:
-                    tl.store(buf_at, tl.load(cache_at, mask=mask), mask=mask)
-                else:
-                    tl.store(cache_at, tl.load(buf_at, mask=mask), mask=mask)
+    for h in range(NUM_HEADS):
+        for c in range(0, CHUNK, BLOCK):
+            mask = c + offs < CHUNK
+            cache_at = src + h * stride_h + c + offs
+            buf_at = dst + h * CHUNK + c + offs
+            if TO_BUF:
+                tl.store(buf_at, tl.load(cache_at, mask=mask), mask=mask)
+            else:
+                tl.store(cache_at, tl.load(buf_at, mask=mask), mask=mask)
 
 
 def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, layers: Range, heads: Range,
-          to_buf: bool, num_programs: int | None = None) -> None:
+          to_buf: bool) -> None:
     assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, "kv_cache: [L, 2, N, Hkv, Bs, D]"
     view = _view(kv_cache, layers, heads)
     num_layers, _, _, num_heads, block_size, head_dim = view.shape
@@ -90,14 +81,9 @@ def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, la
     assert buf.shape == want and buf.is_contiguous(), f"staging buffer must be contiguous {want}"
     assert buf.dtype == kv_cache.dtype, "staging buffer dtype differs from the cache"
     assert buf.device == kv_cache.device == block_ids.device, "all tensors on one device"
-    assert num_programs is None or num_programs > 0, "num_programs: None or > 0"
     chunk = block_size * head_dim
-    num_items = block_ids.shape[0] * num_layers * 2
-    if num_items == 0:
-        return
-    grid = (num_items if num_programs is None else min(num_items, num_programs),)
-    _block_copy_kernel[grid](
-        view, buf, block_ids, block_ids.shape[0], num_items,
+    _block_copy_kernel[(block_ids.shape[0], num_layers * 2)](
+        view, buf, block_ids, block_ids.shape[0],
         view.stride(0), view.stride(1), view.stride(2), view.stride(3),
         NUM_HEADS=num_heads, CHUNK=chunk, BLOCK=min(4096, triton.next_power_of_2(chunk)), TO_BUF=to_buf,
         num_warps=4,
@@ -121,10 +107,9 @@ def gather_blocks_into_triton(
     out: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
-    num_programs: int | None = None,
 ) -> torch.Tensor:
     """Triton gather_blocks_into (same contract as the ref)."""
-    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True, num_programs=num_programs)
+    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
     return out
 
 
@@ -134,10 +119,9 @@ def scatter_blocks_triton(
     block_ids: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
-    num_programs: int | None = None,
 ) -> None:
     """Triton scatter_blocks (same contract as the ref)."""
-    _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False, num_programs=num_programs)
+    _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False)
 
 
 def load_kernels(kv_cache: torch.Tensor) -> None:

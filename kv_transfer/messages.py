@@ -210,11 +210,6 @@ class TransferConfig:
     # First and last messages taper down to about this size (0: every message as large as staging); see
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 128 << 20
-    # CUDA: the gathers and scatters that run while a message is on the wire (every one but the first gather
-    # and the last scatter) use at most this many programs (0: as many as the copy has blocks), to leave
-    # NCCL's kernel SMs and memory bandwidth. Off by default: bounded to 16-64 programs the copies fell
-    # behind the wire and the transfer slowed (docs/benchmarks.md).
-    copy_programs: int = 0
     grpc_chunk_bytes: int = 4 << 20
     # NCCL: how the receiving thread waits for an expected transfer's header. True: it spins a CPU core in the
     # driver until the header lands (wakes within microseconds; a core per connected pair, and only while a

@@ -133,7 +133,6 @@ class PairWorker:
         # device: sends complete on the link's stream (NCCL), not on this one
         done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
-        programs = sender.config.copy_programs or None  # the first gather (nothing to hide behind) runs wide
         for k, msg in enumerate(message_plan(layout.num_layers, header)):
             out.wait_layers(waited, msg.layers[1], out.deadline)
             waited = max(waited, msg.layers[1])
@@ -145,7 +144,7 @@ class PairWorker:
                          local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
-                                       msg.layers, local_heads, programs if k else None)
+                                       msg.layers, local_heads)
                 tr.mark("gather launched | done", k, gpu=True)
                 sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
                 tr.mark("send posted | done", k, gpu=done_stream is not None, stream=done_stream)

@@ -172,10 +172,8 @@ class KVReceiver:
         return (part.layers[1] - part.layers[0], 2, part.blocks[1] - part.blocks[0],
                 header.heads[1] - header.heads[0], self.layout.block_size, self.layout.head_dim)
 
-    def scatter(self, inc: Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor,
-                overlapped: bool = False) -> bool:
+    def scatter(self, inc: Incoming, header: TransferHeader, part: MessagePart, buf: torch.Tensor) -> bool:
         """Write one received message into the reserved blocks (enqueued, on CUDA); False if it already ended.
-        `overlapped`: more messages are still arriving (the copy runs narrow: TransferConfig.copy_programs).
 
         The caller reports the message with landed() once the scatter has run.
         """
@@ -193,20 +191,20 @@ class KVReceiver:
         # NOTE: launched outside inc.lock: a launch that blocks in the driver (a kernel's module loaded while a
         # receive from a dead peer keeps the GPU busy) must not keep _fail from ending the transfer on time.
         # `launching` keeps the blocks out of the pool until the scatter is accounted for.
-        event = None
+        event, launched = None, False
         try:
-            programs = (self.config.copy_programs or None) if overlapped else None
-            ops.scatter_blocks(buf, self.kv_cache, index, part.layers, heads, programs)
+            ops.scatter_blocks(buf, self.kv_cache, index, part.layers, heads)
             if buf.is_cuda:
                 event = torch.cuda.Event()
                 event.record()
+            launched = True
         finally:
             with inc.lock:
                 inc.launching -= 1
                 if event is not None:
                     inc.scatters[torch.cuda.current_stream().stream_id] = event
-        with inc.lock:
-            inc.num_bytes += buf.numel() * buf.element_size()
+                if launched:
+                    inc.num_bytes += buf.numel() * buf.element_size()
         return True
 
     def landed(self, inc: Incoming, header: TransferHeader, parts: list[MessagePart]) -> None:

@@ -164,7 +164,7 @@ class TorchDistIngest:
                 with on_scatter():
                     wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
                     tr.mark("recv awaited | done", k, gpu=True)  # gloo: the host waited for it
-                    delivered = receiver.scatter(inc, header, part, payload, overlapped=k + 1 < len(parts))
+                    delivered = receiver.scatter(inc, header, part, payload)
                     tr.mark("scatter launched | done", k, gpu=True)
             except BaseException:
                 receiver.staging.release(buf)
