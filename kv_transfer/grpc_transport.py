@@ -147,7 +147,7 @@ class GrpcLink:
     def is_open(self) -> bool:
         return self._conn_id is not None
 
-    def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None = None) -> None:
+    def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None) -> None:
         """Nothing: every message carries its own header."""
 
     def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor, deadline: float) -> None:

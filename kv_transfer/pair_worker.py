@@ -165,9 +165,9 @@ class PairWorker:
         if device.type != "cuda":
             return None, device_index(block_ids, device)
         n = HEADER_LEN + len(block_ids)
-        host, copied = self._ids_host, self._ids_copied
-        if host is None or host.numel() < n or (copied is not None and not copied.query()):
-            size = max(n, 1024) if host is None else (max(n, 2 * host.numel()) if host.numel() < n else host.numel())
+        host = self._ids_host
+        if host is None or host.numel() < n or not self._ids_copied.query():
+            size = host.numel() if host is not None and host.numel() >= n else max(2 * n, 1024)
             host = self._ids_host = torch.empty(size, dtype=torch.int64, pin_memory=True)
         values = host.numpy()
         values[:HEADER_LEN] = header.to_list()

@@ -24,7 +24,6 @@ from pdserve.kv_transfer.cuda_wait import sync_event
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
 from pdserve.kv_transfer.pair_store import Handshake, _td
-from pdserve.kv_transfer.staging import device_index
 
 SENDER, RECEIVER = 0, 1
 
@@ -168,12 +167,10 @@ class TorchDistLink:
     def is_open(self) -> bool:
         return self._group is not None and self._handshake.is_open()
 
-    def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None = None) -> None:
-        """The transfer's header, ahead of its data on the pair (NCCL: posted, not awaited). `on_device`: the
-        header already copied to the GPU (the pair worker stages it with the block ids)."""
-        if self._cuda:  # staged through pinned memory: no host sync (see staging.device_index)
-            if on_device is None:
-                on_device = device_index(header.to_list(), self.device)
+    def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None) -> None:
+        """The transfer's header, ahead of its data on the pair (NCCL: posted, not awaited). `on_device` (CUDA):
+        the header already on the GPU, staged through pinned memory with the block ids by the pair worker."""
+        if self._cuda:
             self._group.send([on_device], RECEIVER, 0)
         else:
             wait_work(self._group.send([header.to_tensor(self.device)], RECEIVER, 0), deadline, False)
