@@ -3,7 +3,6 @@ and a dead sender failing the receiver's transfer within its deadline (NCCL rece
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 import torch
@@ -49,20 +48,7 @@ def test_gpu_blocks_land_exactly_and_in_order(gpu_actor, transport):
             src_ids, dst_ids, results = cpu.transfer([sender], [receiver], dest, tid, n, layers)
             assert results[0].state is TransferState.DONE, results
             cpu.check_landed([receiver], 1, src_ids, dst_ids)
-        tids = list(range(100, 120))  # twenty in flight on the pair at once, whole and layer by layer
-        src_ids = [ray.get(sender.take.remote(2, 1)) for _ in tids]
-        dst_ids = [ray.get(receiver.take.remote(2, 1)) for _ in tids]
-        ray.get([receiver.call.remote("expect", t, ids) for t, ids in zip(tids, dst_ids)])
-        ray.get([sender.send.remote(t, dest, ids, cpu.NUM_LAYERS if t % 2 else None)
-                 for t, ids in zip(tids, src_ids)])
-        results = ray.get([receiver.call.remote("wait", t, 20) for t in tids])
-        assert all(r.state is TransferState.DONE for r in results), results
-        finished = [r.transfer_id for r in ray.get(receiver.call.remote("get_finished"))]
-        assert finished == [1, 2, 3, 4, *tids]
-        for s_ids, d_ids in zip(src_ids, dst_ids):
-            cpu.check_landed([receiver], 1, s_ids, [d_ids])
-        assert ray.get(sender.call.remote("wait_for_save", tids[-1], 5)).state is TransferState.DONE
-        assert ray.get(sender.pool_full.remote()) and ray.get(receiver.pool_full.remote())
+        cpu.twenty_in_order(sender, receiver, dest, earlier=(1, 2, 3, 4))
     finally:
         ray.kill(sender)
         ray.kill(receiver)
@@ -73,23 +59,7 @@ def test_gpu_killed_sender_fails_the_nccl_transfer_within_its_deadline(gpu_actor
 
     victim, receiver, dest = pair(gpu_actor, TransportKind.TORCH)
     try:
-        dst_ids = ray.get(receiver.take.remote(8, 1))
-        deadline_s = 4.0
-        ray.get(receiver.call.remote("expect", 11, dst_ids, deadline_s))
-        start = time.monotonic()
-        ray.get(victim.send.remote(11, dest, ray.get(victim.take.remote(8, 1)), 1))  # only layer 0 is ready
-        assert ray.get(receiver.wait_state.remote(11, TransferState.TRANSFERRING, deadline_s))
-        ray.kill(victim)
-        try:
-            result = ray.get(receiver.call.remote("wait", 11, 2 * deadline_s))
-        except ray.exceptions.RayTaskError as e:
-            pytest.fail(f"{e.cause!r}; the receiver's threads:\n{ray.get(receiver.stacks.remote(), timeout=10)}")
-        assert result.state is TransferState.FAILED, result
-        assert time.monotonic() - start < deadline_s + 1.0
-        # the receives still posted for the dead sender were aborted: the blocks come back once scatters ran
-        deadline = time.monotonic() + 2.0
-        while not ray.get(receiver.pool_full.remote()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ray.get(receiver.pool_full.remote())
+        # the receives still posted for the dead sender are aborted; the blocks come back once scatters ran
+        cpu.killed_sender_fails_in_time(victim, receiver, dest, blocks_back_within_s=2.0)
     finally:
         ray.kill(receiver)

@@ -148,26 +148,31 @@ def test_destination_blocks_equal_source_blocks(ranks, transport, src_tp, dst_tp
     assert all(ray.get([a.pool_full.remote() for a in senders + receivers]))
 
 
+def twenty_in_order(sender, receiver, dest, earlier: tuple[int, ...] = ()) -> None:
+    """Twenty transfers in flight on one pair at once (odd ids layer by layer, even ids whole): all DONE,
+    finished in the order they started (after the `earlier` ones), blocks exact, both pools full again."""
+    tids = list(range(100, 120))
+    src_ids = [ray.get(sender.take.remote(2, 1)) for _ in tids]
+    dst_ids = [ray.get(receiver.take.remote(2, 1)) for _ in tids]
+    ray.get([receiver.call.remote("expect", t, ids) for t, ids in zip(tids, dst_ids)])
+    ray.get([sender.send.remote(t, dest, ids, NUM_LAYERS if t % 2 else None)
+             for t, ids in zip(tids, src_ids)])
+    results = ray.get([receiver.call.remote("wait", t, 20) for t in tids])
+    assert all(r.state is TransferState.DONE for r in results), results
+    assert [r.transfer_id for r in ray.get(receiver.call.remote("get_finished"))] == [*earlier, *tids]
+    for s_ids, d_ids in zip(src_ids, dst_ids):
+        check_landed([receiver], 1, s_ids, [d_ids])
+    assert ray.get(sender.call.remote("wait_for_save", tids[-1], 5)).state is TransferState.DONE
+    assert ray.get(sender.pool_full.remote()) and ray.get(receiver.pool_full.remote())
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.value)
 def test_twenty_concurrent_transfers_on_one_pair_complete_in_order(ranks, transport):
     actors, _ = ranks
     sender, receiver = actors[0], actors[2]
     dest = gang([receiver], "receiver", 1, transport=transport)
     gang([sender], "sender", 1)
-    tids = list(range(100, 120))
-    src_ids = [ray.get(sender.take.remote(2, 1)) for _ in tids]
-    dst_ids = [ray.get(receiver.take.remote(2, 1)) for _ in tids]
-    ray.get([receiver.call.remote("expect", t, ids) for t, ids in zip(tids, dst_ids)])
-    # Odd ids layer by layer, even ids whole.
-    ray.get([sender.send.remote(t, dest, ids, NUM_LAYERS if t % 2 else None)
-             for t, ids in zip(tids, src_ids)])
-    results = ray.get([receiver.call.remote("wait", t, 20) for t in tids])
-    assert all(r.state is TransferState.DONE for r in results)
-    assert [r.transfer_id for r in ray.get(receiver.call.remote("get_finished"))] == tids
-    for s_ids, d_ids in zip(src_ids, dst_ids):
-        check_landed([receiver], 1, s_ids, [d_ids])
-    ray.get(sender.call.remote("wait_for_save", tids[-1], 5))
-    assert ray.get(sender.pool_full.remote()) and ray.get(receiver.pool_full.remote())
+    twenty_in_order(sender, receiver, dest)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.value)
@@ -184,12 +189,9 @@ def test_mismatched_layout_is_refused_naming_the_field_on_both_sides(ranks, tran
     assert ray.get(sender.pool_full.remote()) and ray.get(receiver.pool_full.remote())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.value)
-def test_killed_sender_fails_the_receivers_transfer_within_its_deadline(ranks, transport):
-    actors, actor = ranks
-    receiver, victim = actors[2], actor.remote()
-    dest = gang([receiver], "receiver", 1, transport=transport)
-    ray.get(victim.setup.remote("sender", 1, 0))
+def killed_sender_fails_in_time(victim, receiver, dest, blocks_back_within_s: float = 0.0) -> None:
+    """Kill the sender after layer 0 of 3 moved: the receiver's transfer fails within its deadline, and its
+    blocks are back in the pool (at once, or within `blocks_back_within_s`: CUDA waits for enqueued scatters)."""
     dst_ids = ray.get(receiver.take.remote(8, 1))
     deadline_s = 4.0
     ray.get(receiver.call.remote("expect", 11, dst_ids, deadline_s))
@@ -197,10 +199,25 @@ def test_killed_sender_fails_the_receivers_transfer_within_its_deadline(ranks, t
     ray.get(victim.send.remote(11, dest, ray.get(victim.take.remote(8, 1)), 1))  # only layer 0 is ready
     assert ray.get(receiver.wait_state.remote(11, TransferState.TRANSFERRING, deadline_s))
     ray.kill(victim)
-    result = ray.get(receiver.call.remote("wait", 11, 2 * deadline_s))
+    try:
+        result = ray.get(receiver.call.remote("wait", 11, 2 * deadline_s))
+    except ray.exceptions.RayTaskError as e:
+        pytest.fail(f"{e.cause!r}; the receiver's threads:\n{ray.get(receiver.stacks.remote(), timeout=10)}")
     assert result.state is TransferState.FAILED, result
     assert time.monotonic() - start < deadline_s + 1.0
+    until = time.monotonic() + blocks_back_within_s
+    while not ray.get(receiver.pool_full.remote()) and time.monotonic() < until:
+        time.sleep(0.05)
     assert ray.get(receiver.pool_full.remote())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.value)
+def test_killed_sender_fails_the_receivers_transfer_within_its_deadline(ranks, transport):
+    actors, actor = ranks
+    receiver, victim = actors[2], actor.remote()
+    dest = gang([receiver], "receiver", 1, transport=transport)
+    ray.get(victim.setup.remote("sender", 1, 0))
+    killed_sender_fails_in_time(victim, receiver, dest)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.value)
