@@ -1,5 +1,6 @@
 """All-reduce microbenchmark: the symmetric one-shot path (`SymmetricAllReduce`) against NCCL, eager
-and inside a CUDA graph, at the message sizes of a decode step.
+and inside a CUDA graph, at the message sizes of a decode step; and the all-reduce fused with the residual
+add + RMSNorm after it (one kernel) against the one-shot all-reduce followed by the add + RMSNorm kernel.
 
     python -m pdserve.bench.all_reduce [--sizes 8K,128K,512K,2M,8M] [--out DIR]
 
@@ -24,8 +25,10 @@ import torch.multiprocessing as mp
 
 from pdserve.cluster.tp_gang import NCCL_ENV
 from pdserve.engine.parallel import SymmetricAllReduce
+from pdserve.kernels import norm
 
 WORLD, PER_GRAPH = 2, 32
+HIDDEN = 4096  # rows of the fused all-reduce + RMSNorm: bytes / (HIDDEN * 2)
 
 
 def parse_size(text: str) -> int:
@@ -86,6 +89,32 @@ def measure_size(sym: SymmetricAllReduce, nbytes: int, rank: int) -> dict:
     outs = []
     row["symmetric_graph_us"] = graph_us(lambda: outs.append(sym(x)), reset)
     row["symmetric_graph_exact"] = torch.equal(outs[-1], exact)
+    if nbytes % (HIDDEN * 2) == 0 and 2 * nbytes <= sym.fused.numel():
+        row.update(measure_fused(sym, nbytes, rank, reset))
+    return row
+
+
+def measure_fused(sym: SymmetricAllReduce, nbytes: int, rank: int, reset) -> dict:
+    """[nbytes / 2 / HIDDEN, HIDDEN] partial sums + residual -> RMSNorm: fused kernel against the one-shot
+    all-reduce then the add + RMSNorm kernel, both in a graph (slots alternating, as in a model)."""
+    parts = [inputs(nbytes, r).view(-1, HIDDEN) for r in range(WORLD)]
+    res = inputs(nbytes, 7).view(-1, HIDDEN)
+    w = inputs(HIDDEN * 2, 8)
+    want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-5)
+    calls = []
+
+    def fused():
+        calls.append(sym.add_rms_norm(parts[rank], res, w, 1e-5, len(calls) % 2))
+
+    def unfused():
+        return norm.fused_add_rms_norm_triton(sym(parts[rank]), res, w, 1e-5)
+
+    unfused()
+    fused()  # compiled before capture
+    row = {"unfused_graph_us": graph_us(unfused, reset), "fused_graph_us": graph_us(fused, reset)}
+    y, new_res = calls[-1]
+    row["fused_residual_exact"] = torch.equal(new_res, want_res)
+    row["fused_max_err"] = (y.float() - want_y.float()).abs().max().item()
     return row
 
 
@@ -105,6 +134,12 @@ def worker(rank: int, port: int, sizes: list[int], out: str | None) -> None:
             print(f"{r['bytes']:>9}{r['nccl_eager_us']:>12.1f}{r['symmetric_eager_us']:>12.1f}"
                   f"{r['nccl_graph_us']:>12.1f}{r['symmetric_graph_us']:>12.1f}  "
                   f"{r['nccl_exact']}/{r['symmetric_exact'] and r['symmetric_graph_exact']}")
+        fused = [r for r in rows if "fused_graph_us" in r]
+        if fused:
+            print(f"\n{'rows':>9}{'AR+norm':>12}{'fused':>12}  residual exact, max |y err| (µs per pair, graph)")
+            for r in fused:
+                print(f"{r['bytes'] // (HIDDEN * 2):>9}{r['unfused_graph_us']:>12.1f}{r['fused_graph_us']:>12.1f}  "
+                      f"{r['fused_residual_exact']}, {r['fused_max_err']:.3g}")
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             Path(out, "all_reduce.json").write_text(json.dumps(rows, indent=1))

@@ -8,12 +8,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 
+from pdserve.kernels import norm, ops
+
 log = logging.getLogger(__name__)
 
 # Messages up to this size take the one-shot path. Inside a CUDA graph on 2 x H200 (NVLink), per all-reduce:
 # 8 KiB 6.5 µs against NCCL's 10.7, 512 KiB 10.8 against 14.2, 2 MiB 21.6 against 31.2, but 8 MiB 63 against
 # 49 (`python -m pdserve.bench.all_reduce`). Decode steps up to B=256 at hidden 4096 in bf16 (2 MiB) fit.
 SYMMETRIC_MAX_BYTES = 4 << 20
+# Programs of the fused all-reduce + add + RMSNorm: one row each up to this many rows (one pair of flags
+# per program and peer in the signal pad).
+MAX_FUSED_PROGRAMS = 256
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
 
@@ -29,8 +34,18 @@ class SymmetricAllReduce:
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = SYMMETRIC_MAX_BYTES):
         self.group_name = group.group_name
+        self.max_bytes = max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank, same order
+        # The fused all-reduce + add + RMSNorm (`add_rms_norm`): its own allocation, so its own signal pad,
+        # in two regions that consecutive calls alternate between.
+        self.fused = symm_mem.empty(2 * max_bytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.fused, self.group_name)
+        offset = self.fused.data_ptr() - handle.buffer_ptrs[handle.rank]  # the same on every rank
+        self.rank = handle.rank
+        self.buffer_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.num_programs = min(MAX_FUSED_PROGRAMS, handle.signal_pad_size // 4 // handle.world_size)
 
     @classmethod
     def try_create(cls, group: dist.ProcessGroup, device: torch.device) -> SymmetricAllReduce | None:
@@ -39,6 +54,10 @@ class SymmetricAllReduce:
         try:
             symmetric = cls(group, device)
             works = bool((symmetric(torch.ones(4, device=device)) == group.size()).all())
+            ones, zeros = torch.ones(3, 64, device=device), torch.zeros(3, 64, device=device)
+            for slot in (0, 1):  # sum of ones = group size; normalized, all ones
+                y, total = symmetric.add_rms_norm(ones, zeros, ones[0], 0.0, slot)
+                works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
         except RuntimeError as e:
             log.warning("symmetric memory unavailable (%s); all-reduces go through NCCL", e)
             symmetric, works = None, False
@@ -55,6 +74,21 @@ class SymmetricAllReduce:
         """Sum of `x` over the group, as a new tensor (`x` is left as it was)."""
         staging = self.buffer.view(x.dtype)[: x.numel()].view(x.shape)  # exactly x's size: the kernel reduces all of it
         return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
+
+    def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.shape == x.shape
+                and residual.stride(-1) == 1 and x.numel() * x.element_size() <= self.max_bytes)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(sum of x over the group + residual), that sum + residual): one kernel, one peer round trip.
+
+        NOTE: `slot` (0 or 1) picks the buffer region; two calls in a row must use different slots (a peer
+        may still be reading the region of the previous call when this one starts writing).
+        """
+        return norm.all_reduce_add_rms_norm_triton(
+            x, residual, weight, eps, buffer_ptrs=self.buffer_ptrs, pad_ptrs=self.pad_ptrs,
+            buffer_offset=slot * self.max_bytes // x.element_size(), rank=self.rank, num_programs=self.num_programs)
 
 
 @dataclass(frozen=True)
@@ -85,6 +119,15 @@ class TPGroup:
         # NOTE: what the one-shot path cannot take: large messages (NCCL's bandwidth wins), CPU tensors, fp16.
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row-parallel layer's partial sums `x`, summed over the gang, then the residual add + RMSNorm:
+        (norm(sum + residual), sum + residual). Small CUDA batches take one fused kernel over peer memory;
+        `slot` (0/1) must alternate between consecutive calls (see `SymmetricAllReduce.add_rms_norm`)."""
+        if self.symmetric is not None and self.symmetric.can_fuse(x, residual):
+            return self.symmetric.add_rms_norm(x, residual, weight, eps, slot)
+        return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """[N, n] on each rank -> [N, size * n] in rank order."""

@@ -80,11 +80,14 @@ class RowParallelLinear(_Linear):
 
     `input_range` ([start, end) of the input features this rank holds) defaults to an even
     split; attention's output projection passes its (possibly uneven) head range.
+    `reduce_results=False` returns this rank's partial sums: the caller reduces them, fused with
+    what follows (`TPGroup.all_reduce_add_rms_norm`).
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False,
-                 input_range: tuple[int, int] | None = None):
-        self.tp = tp
+                 input_range: tuple[int, int] | None = None, reduce_results: bool = True):
+        assert reduce_results or not bias, "the bias is added after the reduction, which the caller then owns"
+        self.tp, self.reduce_results = tp, reduce_results
         if input_range is None:
             assert in_features % tp.size == 0, f"{in_features} features do not split over tp_size {tp.size}"
             per = in_features // tp.size
@@ -99,5 +102,8 @@ class RowParallelLinear(_Linear):
         copy_into(param, narrow(loaded, 1, self.input_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if not self.reduce_results:
+            return y  # partial sums
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -32,7 +32,8 @@ class LlamaAttention(nn.Module):
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         q_start, q_end = self.qkv_proj.q_range
-        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, tp, input_range=(q_start * d, q_end * d))
+        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, tp, input_range=(q_start * d, q_end * d),
+                                        reduce_results=False)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = RotaryEmbedding(d, max_positions, spec.rope_theta, spec.rope_scaling)
@@ -49,7 +50,7 @@ class LlamaAttention(nn.Module):
         # all take rows with any stride (D innermost), so no per-layer copies.
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, -1))
+        return self.o_proj(out.reshape(T, -1))  # this rank's partial sums
 
 
 class LlamaMLP(nn.Module):
@@ -57,29 +58,42 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = spec.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [inter, inter], tp)
-        self.down_proj = RowParallelLinear(inter, spec.hidden_size, tp)
+        self.down_proj = RowParallelLinear(inter, spec.hidden_size, tp, reduce_results=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # this rank's partial sums
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Both row-parallel outputs (attention's and the MLP's) leave their layer unreduced: each is summed
+    over the gang together with the residual add + RMSNorm after it (one kernel on small GPU batches).
+    Slot 0 reduces attention outputs, slot 1 MLP outputs, so consecutive reductions alternate."""
+
     def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
         super().__init__()
+        self.tp = tp
         self.self_attn = LlamaAttention(spec, tp, max_positions)
         self.mlp = LlamaMLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, positions, x, residual, meta):
+        # x: the embeddings (residual None), else the previous layer's MLP partial sums
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = reduce_add_norm(self.tp, x, residual, self.input_layernorm, slot=1)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = reduce_add_norm(self.tp, x, residual, self.post_attention_layernorm, slot=0)
         return self.mlp(x), residual
+
+
+def reduce_add_norm(tp: TPGroup, partial: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, slot: int):
+    """(norm(all_reduce(partial) + residual), all_reduce(partial) + residual)."""
+    if tp.size == 1:
+        return norm(partial, residual)
+    return tp.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, slot)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -94,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(spec, tp, max_positions) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -107,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
+        x, _ = reduce_add_norm(self.tp, x, residual, self.norm, slot=1)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
