@@ -55,8 +55,7 @@ def _fused_rank(rank: int, port: int) -> None:
     from pdserve.kernels import norm
 
     os.environ.update(NCCL_ENV)
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             device_id=device)
