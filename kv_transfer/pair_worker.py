@@ -34,6 +34,7 @@ class PairWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._link = None
+        self._spin_until = 0.0  # monotonic: poll rather than sleep until then (see _next)
         # CUDA: pinned host buffer of header + block ids, and the event after its last copy (see _stage_ids)
         self._ids_host: torch.Tensor | None = None
         self._ids_copied: torch.cuda.Event | None = None
@@ -56,8 +57,13 @@ class PairWorker:
         self._thread.join(timeout=5)
 
     def _next(self):
-        """The next transfer, or None once idle past the timeout (the worker then retires)."""
-        idle_until = time.monotonic() + self.sender.config.idle_timeout_s
+        """The next transfer, or None once idle past the timeout (the worker then retires). For
+        `sender_spin_s` after the last one it polls the queue rather than sleeping (see TransferConfig)."""
+        now = time.monotonic()
+        idle_until = now + self.sender.config.idle_timeout_s
+        self._spin_until = now + self.sender.config.sender_spin_s
+        while not self._queue and not self._stopping and time.monotonic() < self._spin_until:
+            time.sleep(0)  # a plain read of the deque: taken under the lock below
         while True:
             with self._cond:
                 while not self._queue and not self._stopping and time.monotonic() < idle_until:
@@ -76,6 +82,7 @@ class PairWorker:
             while (item := self._next()) is not None:
                 out, part = item
                 out.trace.mark("pair thread picked it up")
+                self._spin_until = time.monotonic() + self.sender.config.sender_spin_s  # for its layers
                 try:
                     self.sender.part_done(out, self._send(out, part))
                 except Exception as e:  # noqa: BLE001 - whatever broke, this transfer fails with the reason
@@ -134,7 +141,7 @@ class PairWorker:
         done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
         for k, msg in enumerate(message_plan(layout.num_layers, header)):
-            out.wait_layers(waited, msg.layers[1], out.deadline)
+            out.wait_layers(waited, msg.layers[1], out.deadline, self._spin_until)
             waited = max(waited, msg.layers[1])
             buf = sender.staging.acquire(out.deadline)
             tr.mark("layers ready, staging acquired | gather may start", k, gpu=True)

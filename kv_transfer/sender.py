@@ -44,9 +44,12 @@ class Outgoing:
     cond: threading.Condition = field(default_factory=threading.Condition)
     trace: object = NO_TRACE  # a kv_transfer.trace.Trace when traced
 
-    def wait_layers(self, start: int, upto: int, deadline: float) -> None:
+    def wait_layers(self, start: int, upto: int, deadline: float, spin_until: float = 0.0) -> None:
         """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on the events
-        of layers [start, upto) (the caller's stream already waits on those before `start`)."""
+        of layers [start, upto) (the caller's stream already waits on those before `start`). Until
+        `spin_until` (monotonic) it polls rather than sleeps."""
+        while self.layers_ready < upto and not self.state.finished and time.monotonic() < spin_until:
+            time.sleep(0)  # a plain read: the condition below settles it under the lock
         with self.cond:
             while self.layers_ready < upto and not self.state.finished:
                 left = deadline - time.monotonic()
