@@ -19,10 +19,6 @@ SYMMETRIC_MAX_BYTES = 4 << 20
 # Programs of the fused all-reduce + add + RMSNorm: one row each up to this many rows (one pair of flags
 # per program and peer in the signal pad).
 MAX_FUSED_PROGRAMS = 256
-# While the fused all-reduce waits on its peers, this many more programs start pulling the first
-# PREFETCH_BYTES of the next GEMM's weights into L2 (HBM is otherwise idle then). 0 bytes: no prefetch.
-PREFETCH_PROGRAMS = 132
-PREFETCH_BYTES = 24 << 20
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
 
@@ -84,19 +80,15 @@ class SymmetricAllReduce:
                 and residual.stride(-1) == 1 and x.numel() * x.element_size() <= self.max_bytes)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                     slot: int, prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(sum of x over the group + residual), that sum + residual): one kernel, one peer round trip.
-        `prefetch`: the weights of the GEMM that follows, whose first PREFETCH_BYTES go to L2 meanwhile.
 
         NOTE: `slot` (0 or 1) picks the buffer region; two calls in a row must use different slots (a peer
         may still be reading the region of the previous call when this one starts writing).
         """
-        if prefetch is not None:
-            prefetch = prefetch.view(-1)[: PREFETCH_BYTES // prefetch.element_size()]
         return norm.all_reduce_add_rms_norm_triton(
             x, residual, weight, eps, buffer_ptrs=self.buffer_ptrs, pad_ptrs=self.pad_ptrs,
-            buffer_offset=slot * self.max_bytes // x.element_size(), rank=self.rank, num_programs=self.num_programs,
-            prefetch=prefetch, prefetch_programs=PREFETCH_PROGRAMS)
+            buffer_offset=slot * self.max_bytes // x.element_size(), rank=self.rank, num_programs=self.num_programs)
 
 
 @dataclass(frozen=True)
@@ -129,13 +121,12 @@ class TPGroup:
         return x
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                                slot: int, prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row-parallel layer's partial sums `x`, summed over the gang, then the residual add + RMSNorm:
         (norm(sum + residual), sum + residual). Small CUDA batches take one fused kernel over peer memory;
-        `slot` (0/1) must alternate between consecutive calls (see `SymmetricAllReduce.add_rms_norm`);
-        `prefetch` names the next GEMM's weights, which that kernel starts pulling into L2."""
+        `slot` (0/1) must alternate between consecutive calls (see `SymmetricAllReduce.add_rms_norm`)."""
         if self.symmetric is not None and self.symmetric.can_fuse(x, residual):
-            return self.symmetric.add_rms_norm(x, residual, weight, eps, slot, prefetch)
+            return self.symmetric.add_rms_norm(x, residual, weight, eps, slot)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

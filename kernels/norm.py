@@ -96,81 +96,58 @@ def _spin_cas(ptr, expected, value, SEM: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptr, num_bytes, part, num_parts, BLOCK: tl.constexpr):
-    # Part `part` of `num_parts` of [ptr, ptr + num_bytes) (a uint8 pointer) into L2, one 128-byte line per
-    # lane: prefetches are hints that neither wait nor fault, so the program is done once they are issued.
-    lines = tl.cdiv(num_bytes, 128)
-    per = tl.cdiv(lines, num_parts)
-    first = part.to(tl.int64) * per
-    for i in range(0, per, BLOCK):
-        line = tl.minimum(first + i + tl.arange(0, BLOCK), lines - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [ptr + line * 128], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, pad_ptrs, buf_offset, num_rows, stride_x, stride_r, eps,
-    row_programs, pf_ptr, pf_bytes,
-    RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Programs [0, row_programs) do the reduction; program p takes rows p, p + P, ... on every rank.
-    # (1) it copies this rank's partial rows into its buffer; (2) it meets program p of every other rank
-    # through the signal pads: it sets flag [p, RANK] on each peer's pad (0 -> 1, release) and takes flag
-    # [p, peer] on its own (1 -> 0, acquire), so the flags are all 0 again when every rank is through;
-    # (3) it reads the rows from every rank's buffer in rank order (the same bits on every rank), sums them
-    # in fp32, and adds + normalizes as _rms_norm_kernel does. Flags are tokens, not epochs: a CUDA graph
-    # replays the kernel as it is. The programs past row_programs (PREFETCH) only start pulling the next
-    # GEMM's weights into L2 while the reduction waits on the other ranks.
+    # Program p takes rows p, p + P, ... on every rank. (1) it copies this rank's partial rows into its
+    # buffer; (2) it meets program p of every other rank through the signal pads: it sets flag
+    # [p, RANK] on each peer's pad (0 -> 1, release) and takes flag [p, peer] on its own (1 -> 0, acquire),
+    # so the flags are all 0 again when every rank is through; (3) it reads the rows from every rank's
+    # buffer in rank order (the same bits on every rank), sums them in fp32, and adds + normalizes as
+    # _rms_norm_kernel does. Flags are tokens, not epochs: a CUDA graph replays the kernel as it is.
     pid = tl.program_id(0)
-    if pid < row_programs:
-        nprog = row_programs
-        first = pid.to(tl.int64)
-        my_rows = tl.cdiv(num_rows - pid, nprog)
-        offs = tl.arange(0, BLOCK_N)
-        mask = offs < N
-        dtype = y_ptr.dtype.element_ty
-        mine = tl.load(buf_ptrs + RANK).to(tl.pointer_type(dtype)) + buf_offset
-        for i in range(my_rows):
-            row = first + i * nprog
-            part = tl.load(x_ptr + row * stride_x + offs, mask=mask)
-            tl.store(mine + row * N + offs, part, mask=mask)
-        tl.debug_barrier()  # every thread's stores happen before the release below
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-                _spin_cas(pad + pid * WORLD + RANK, 0, 1, "release")
-        own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                _spin_cas(own_pad + pid * WORLD + peer, 1, 0, "acquire")
-        tl.debug_barrier()  # the acquire above happens before every thread's peer loads
-        w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-        for i in range(my_rows):
-            row64 = first + i * nprog
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for r in tl.static_range(WORLD):
-                src = tl.load(buf_ptrs + r).to(tl.pointer_type(dtype)) + buf_offset
-                total += tl.load(src + row64 * N + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-            x = total.to(dtype).to(tl.float32)
-            x = (x + tl.load(res_ptr + row64 * stride_r + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-            tl.store(new_res_ptr + row64 * N + offs, x, mask=mask)
-            x = x.to(tl.float32)
-            h = x * tl.rsqrt(tl.sum(x * x, 0) / N + eps)
-            tl.store(y_ptr + row64 * N + offs, (w * h.to(dtype).to(tl.float32)).to(dtype), mask=mask)
-    elif PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid - row_programs, tl.num_programs(0) - row_programs, 256)
+    nprog = tl.num_programs(0)
+    first = pid.to(tl.int64)
+    my_rows = tl.cdiv(num_rows - pid, nprog)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    dtype = y_ptr.dtype.element_ty
+    mine = tl.load(buf_ptrs + RANK).to(tl.pointer_type(dtype)) + buf_offset
+    for i in range(my_rows):
+        row = first + i * nprog
+        part = tl.load(x_ptr + row * stride_x + offs, mask=mask)
+        tl.store(mine + row * N + offs, part, mask=mask)
+    tl.debug_barrier()  # every thread's stores happen before the release below
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
+            _spin_cas(pad + pid * WORLD + RANK, 0, 1, "release")
+    own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            _spin_cas(own_pad + pid * WORLD + peer, 1, 0, "acquire")
+    tl.debug_barrier()  # the acquire above happens before every thread's peer loads
+    w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+    for i in range(my_rows):
+        row64 = first + i * nprog
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            src = tl.load(buf_ptrs + r).to(tl.pointer_type(dtype)) + buf_offset
+            total += tl.load(src + row64 * N + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+        x = total.to(dtype).to(tl.float32)
+        x = (x + tl.load(res_ptr + row64 * stride_r + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(new_res_ptr + row64 * N + offs, x, mask=mask)
+        x = x.to(tl.float32)
+        h = x * tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+        tl.store(y_ptr + row64 * N + offs, (w * h.to(dtype).to(tl.float32)).to(dtype), mask=mask)
 
 
 def all_reduce_add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, buffer_ptrs: torch.Tensor,
     pad_ptrs: torch.Tensor, buffer_offset: int, rank: int, num_programs: int,
-    prefetch: torch.Tensor | None = None, prefetch_programs: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(sum over ranks of x + residual), sum + residual) on every rank, in one launch.
-
-    `prefetch` (CUDA only): a tensor whose bytes `prefetch_programs` extra programs pull into L2 while the
-    reduction waits for its peers (the weights of the GEMM that comes next); results do not depend on it.
 
     `buffer_ptrs` / `pad_ptrs`: int64 [world] on x's device, the address of every rank's buffer and signal
     pad (int32, at least `num_programs * world` flags, all 0 between calls), in rank order; this call uses
@@ -189,17 +166,9 @@ def all_reduce_add_rms_norm_triton(
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(y)
     block = triton.next_power_of_2(n)
-    row_programs = max(1, min(num_programs, x.shape[0]))
-    do_prefetch = prefetch is not None and prefetch_programs > 0 and prefetch.numel() > 0
-    if do_prefetch:
-        assert prefetch.is_cuda and prefetch.is_contiguous(), "prefetch: a contiguous CUDA tensor"
-        pf = prefetch.view(-1).view(torch.uint8)
-    else:
-        pf, prefetch_programs = x, 0
-    _all_reduce_add_rms_norm_kernel[(row_programs + prefetch_programs,)](
+    _all_reduce_add_rms_norm_kernel[(max(1, min(num_programs, x.shape[0])),)](
         x, residual, weight, y, new_res, buffer_ptrs, pad_ptrs, buffer_offset, x.shape[0], x.stride(0),
-        residual.stride(0), eps, row_programs, pf, pf.numel() if do_prefetch else 0,
-        RANK=rank, WORLD=world, N=n, BLOCK_N=block, PREFETCH=do_prefetch,
+        residual.stride(0), eps, RANK=rank, WORLD=world, N=n, BLOCK_N=block,
         num_warps=min(16, max(1, block // 512)),
     )
     return y, new_res

@@ -83,21 +83,17 @@ class LlamaDecoderLayer(nn.Module):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = reduce_add_norm(self.tp, x, residual, self.input_layernorm, 1,
-                                          self.self_attn.qkv_proj.weight)
+            x, residual = reduce_add_norm(self.tp, x, residual, self.input_layernorm, slot=1)
         x = self.self_attn(positions, x, meta)
-        x, residual = reduce_add_norm(self.tp, x, residual, self.post_attention_layernorm, 0,
-                                      self.mlp.gate_up_proj.weight)
+        x, residual = reduce_add_norm(self.tp, x, residual, self.post_attention_layernorm, slot=0)
         return self.mlp(x), residual
 
 
-def reduce_add_norm(tp: TPGroup, partial: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, slot: int,
-                    next_weight: torch.Tensor):
-    """(norm(all_reduce(partial) + residual), all_reduce(partial) + residual); `next_weight` is the next
-    GEMM's, which the reduction may start reading into cache while it waits for the other ranks."""
+def reduce_add_norm(tp: TPGroup, partial: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, slot: int):
+    """(norm(all_reduce(partial) + residual), all_reduce(partial) + residual)."""
     if tp.size == 1:
         return norm(partial, residual)
-    return tp.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, slot, next_weight)
+    return tp.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, slot)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -125,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        x, _ = reduce_add_norm(self.tp, x, residual, self.norm, 1, self.lm_head.weight)
+        x, _ = reduce_add_norm(self.tp, x, residual, self.norm, slot=1)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
