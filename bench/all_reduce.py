@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pdserve.cluster.tp_gang import NCCL_ENV
-from pdserve.engine.parallel import SymmetricAllReduce
+from pdserve.engine.parallel import SymmetricAllReduce, TPGroup
 from pdserve.kernels import norm
 
 WORLD, PER_GRAPH = 2, 32
@@ -118,6 +118,20 @@ def measure_fused(sym: SymmetricAllReduce, nbytes: int, rank: int, reset) -> dic
     return row
 
 
+def measure_gather(sym: SymmetricAllReduce, rows: int, rank: int, vocab: int = 128256) -> dict:
+    """The LM head's logits ([rows, vocab / 2] bf16 per rank) onto fp32 [rows, vocab]: NCCL all-gather +
+    reorder + cast (every rank) against the peer-memory gather onto rank 0, µs per call in a graph."""
+    shard = inputs(rows * vocab, rank).view(rows, vocab // WORLD)
+    tp = TPGroup(rank, WORLD, dist.group.WORLD)
+    want = torch.cat([inputs(rows * vocab, r).view(rows, vocab // WORLD) for r in range(WORLD)], 1).float()
+    got = [sym.gather_to_first(shard, vocab, torch.float32), tp.all_gather_last_dim(shard)]  # compiled, warm
+    row = {"rows": rows, "nccl_graph_us": graph_us(lambda: tp.all_gather_last_dim(shard).float(), lambda: None),
+           "peer_graph_us": graph_us(lambda: got.append(sym.gather_to_first(shard, vocab, torch.float32)),
+                                     lambda: None)}
+    row["peer_exact"] = rank != 0 or torch.equal(got[-1], want)
+    return row
+
+
 def worker(rank: int, port: int, sizes: list[int], out: str | None) -> None:
     os.environ.update(NCCL_ENV)  # the gang's rank environment (multicast off), before CUDA starts
     os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # one visible GPU per process, like the gang's actors
@@ -127,6 +141,7 @@ def worker(rank: int, port: int, sizes: list[int], out: str | None) -> None:
                             device_id=device)
     sym = SymmetricAllReduce(dist.group.WORLD, device, max_bytes=max(sizes))
     rows = [measure_size(sym, n, rank) for n in sizes]
+    gathers = [measure_gather(sym, r, rank) for r in (1, 16, 64, 256)]
     if rank == 0:
         head = ["nccl eager", "symm eager", "nccl graph", "symm graph"]
         print(f"{'bytes':>9}" + "".join(f"{h:>12}" for h in head) + "  exact (nccl/symm), µs per all-reduce")
@@ -140,9 +155,12 @@ def worker(rank: int, port: int, sizes: list[int], out: str | None) -> None:
             for r in fused:
                 print(f"{r['bytes'] // (HIDDEN * 2):>9}{r['unfused_graph_us']:>12.1f}{r['fused_graph_us']:>12.1f}  "
                       f"{r['fused_residual_exact']}, {r['fused_max_err']:.3g}")
+        print(f"\n{'rows':>9}{'NCCL':>12}{'peer':>12}  exact; LM-head logits onto rank 0 (µs per call, graph)")
+        for g in gathers:
+            print(f"{g['rows']:>9}{g['nccl_graph_us']:>12.1f}{g['peer_graph_us']:>12.1f}  {g['peer_exact']}")
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
-            Path(out, "all_reduce.json").write_text(json.dumps(rows, indent=1))
+            Path(out, "all_reduce.json").write_text(json.dumps({"all_reduce": rows, "gather": gathers}, indent=1))
     dist.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 
-from pdserve.kernels import norm, ops
+from pdserve.kernels import norm, ops, peer_gather
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,10 @@ SYMMETRIC_MAX_BYTES = 4 << 20
 # Programs of the fused all-reduce + add + RMSNorm: one row each up to this many rows (one pair of flags
 # per program and peer in the signal pad).
 MAX_FUSED_PROGRAMS = 256
+# The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
+# Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).
+GATHER_MAX_BYTES = 32 << 20
+GATHER_PROGRAMS = 128
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
 
@@ -46,6 +50,17 @@ class SymmetricAllReduce:
         self.buffer_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         self.num_programs = min(MAX_FUSED_PROGRAMS, handle.signal_pad_size // 4 // handle.world_size)
+        # The gather onto rank 0 (`gather_to_first`): a third allocation, its pad's "done" tokens given.
+        self.gather_buf = symm_mem.empty(GATHER_MAX_BYTES, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.gather_buf, self.group_name)
+        offset = self.gather_buf.data_ptr() - handle.buffer_ptrs[handle.rank]
+        world = handle.world_size
+        self.gather_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.gather_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.gather_programs = min(GATHER_PROGRAMS, handle.signal_pad_size // 4 // (2 * world))
+        if self.rank > 0:
+            flags = 2 * self.gather_programs * world
+            handle.get_signal_pad(self.rank, (flags,), torch.int32)[flags // 2:].fill_(1)
 
     @classmethod
     def try_create(cls, group: dist.ProcessGroup, device: torch.device) -> SymmetricAllReduce | None:
@@ -54,6 +69,12 @@ class SymmetricAllReduce:
         try:
             symmetric = cls(group, device)
             works = bool((symmetric(torch.ones(4, device=device)) == group.size()).all())
+            shard = torch.full((2, 3), float(group.rank()), device=device)  # rank r's columns hold r
+            for _ in range(2):  # twice: the second waits on the tokens the first gave back
+                got = symmetric.gather_to_first(shard, 3 * group.size(), torch.float32)
+                if got is not None:
+                    works = works and torch.equal(got, torch.arange(group.size(), device=device)
+                                                  .repeat_interleave(3).expand(2, -1).float())
             ones, zeros = torch.ones(3, 64, device=device), torch.zeros(3, 64, device=device)
             for slot in (0, 1):  # sum of ones = group size; normalized, all ones
                 y, total = symmetric.add_rms_norm(ones, zeros, ones[0], 0.0, slot)
@@ -74,6 +95,16 @@ class SymmetricAllReduce:
         """Sum of `x` over the group, as a new tensor (`x` is left as it was)."""
         staging = self.buffer.view(x.dtype)[: x.numel()].view(x.shape)  # exactly x's size: the kernel reduces all of it
         return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
+
+    def can_gather(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and x.numel() * x.element_size() <= GATHER_MAX_BYTES
+
+    def gather_to_first(self, x: torch.Tensor, out_cols: int, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """Rank 0: the first `out_cols` columns of every rank's x side by side, in `out_dtype`; others: None.
+        One kernel per rank; rank 0 reads the others' copies over NVLink (kernels/peer_gather.py)."""
+        return peer_gather.gather_to_first_triton(
+            x, out_cols, out_dtype, buffer_ptrs=self.gather_ptrs, pad_ptrs=self.gather_pad_ptrs, rank=self.rank,
+            num_programs=self.gather_programs)
 
     def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         return (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.shape == x.shape
@@ -128,6 +159,15 @@ class TPGroup:
         if self.symmetric is not None and self.symmetric.can_fuse(x, residual):
             return self.symmetric.add_rms_norm(x, residual, weight, eps, slot)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def gather_logits(self, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The LM head's [N, vocab shard] -> fp32 [N, vocab_size] on rank 0, which alone samples. The other
+        ranks get an empty [N, 0] on the peer-memory path (nothing to sample from), the logits on the
+        NCCL/gloo one."""
+        if self.size > 1 and self.symmetric is not None and self.symmetric.can_gather(x):
+            out = self.symmetric.gather_to_first(x, vocab_size, torch.float32)
+            return out if out is not None else x[:, :0].float()
+        return self.all_gather_last_dim(x)[:, :vocab_size].float()
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """[N, n] on each rank -> [N, size * n] in rank order."""

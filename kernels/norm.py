@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.signal import spin_cas
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / rms(x)) over the last dim; the statistics in fp32, then cast back as HF does."""
@@ -88,14 +90,6 @@ def all_reduce_add_rms_norm_ref(
 
 
 @triton.jit
-def _spin_cas(ptr, expected, value, SEM: tl.constexpr):
-    # One thread of the program swaps (a scalar atomic); the loop ends when the flag held `expected`.
-    old = tl.atomic_cas(ptr, expected, value, sem=SEM, scope="sys")
-    while old != expected:
-        old = tl.atomic_cas(ptr, expected, value, sem=SEM, scope="sys")
-
-
-@triton.jit
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, pad_ptrs, buf_offset, num_rows, stride_x, stride_r, eps,
     RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -122,11 +116,11 @@ def _all_reduce_add_rms_norm_kernel(
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-            _spin_cas(pad + pid * WORLD + RANK, 0, 1, "release")
+            spin_cas(pad + pid * WORLD + RANK, 0, 1, "release")
     own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            _spin_cas(own_pad + pid * WORLD + peer, 1, 0, "acquire")
+            spin_cas(own_pad + pid * WORLD + peer, 1, 0, "acquire")
     tl.debug_barrier()  # the acquire above happens before every thread's peer loads
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     for i in range(my_rows):

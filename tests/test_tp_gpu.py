@@ -45,7 +45,7 @@ def test_tp2_nccl_equals_tp1(tiny_checkpoints):
 
 def _fused_rank(rank: int, port: int) -> None:
     """One rank: the fused all-reduce + add + RMSNorm against the reference, eager and replayed from a
-    CUDA graph, with the same bits on both ranks."""
+    CUDA graph, with the same bits on both ranks; then the gather of the LM head's shards onto rank 0."""
     import os
 
     import torch.distributed as dist
@@ -85,10 +85,30 @@ def _fused_rank(rank: int, port: int) -> None:
             torch.cuda.synchronize()
             for (y, new_res), (y0, res0) in zip(replayed, eager):
                 assert torch.equal(y, y0) and torch.equal(new_res, res0)
+    # the LM head's gather onto rank 0: bf16 shards, fp32 out, the vocabulary's padding cut off
+    for rows, n in [(1, 1000), (64, 3000), (300, 4096)]:
+        shards = [torch.randn(rows, n, generator=torch.Generator(device="cuda").manual_seed(100 + r), device="cuda",
+                              dtype=torch.bfloat16) for r in range(2)]
+        want = norm_free_gather(shards, 2 * n - 7)
+        eager = [sym.gather_to_first(shards[rank], 2 * n - 7, torch.float32) for _ in range(3)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = [sym.gather_to_first(shards[rank], 2 * n - 7, torch.float32) for _ in range(3)]
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for got in eager + replayed:
+                assert (got is None) if rank else torch.equal(got, want)
     dist.destroy_process_group()
 
 
-def test_fused_all_reduce_add_rms_norm_two_gpus():
+def norm_free_gather(shards, cols):
+    from pdserve.kernels.peer_gather import gather_to_first_ref
+
+    return gather_to_first_ref(shards, cols, torch.float32)
+
+
+def test_fused_all_reduce_norm_and_gather_two_gpus():
     import socket
     import time
 

@@ -35,6 +35,5 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> logits [N, vocab_size], gathered on every rank
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
-        return logits[:, : self.vocab_size]
+        # hidden: [N, hidden] -> fp32 logits [N, vocab_size] on rank 0 (see TPGroup.gather_logits)
+        return self.tp.gather_logits(F.linear(hidden, self.weight), self.vocab_size)
