@@ -22,7 +22,7 @@ MAX_FUSED_PROGRAMS = 256
 # The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
 # Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).
 GATHER_MAX_BYTES = 32 << 20
-GATHER_PROGRAMS = 128
+GATHER_PROGRAMS = 512  # a unit (row, 4096 columns) each at B=64: the peer loads are latency-bound
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
 

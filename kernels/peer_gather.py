@@ -63,7 +63,7 @@ def _gather_to_first_kernel(
 
 def gather_to_first_triton(
     x: torch.Tensor, out_cols: int, out_dtype: torch.dtype, *, buffer_ptrs: torch.Tensor, pad_ptrs: torch.Tensor,
-    rank: int, num_programs: int, block: int = 1024,
+    rank: int, num_programs: int, block: int = 4096,
 ) -> torch.Tensor | None:
     """Rank 0: [N, out_cols] in out_dtype, the first out_cols columns of every rank's x side by side (rank
     order); other ranks: None (they only hand their x over).
@@ -82,6 +82,6 @@ def gather_to_first_triton(
     programs = max(1, min(num_programs, rows * chunks))
     _gather_to_first_kernel[(programs,)](
         x, out, buffer_ptrs, pad_ptrs, rows, n, x.stride(0), out_cols, chunks, num_programs * world,
-        RANK=rank, WORLD=world, BLOCK=block, num_warps=4,
+        RANK=rank, WORLD=world, BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
     return out if rank == 0 else None
