@@ -27,7 +27,9 @@ _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-sho
 
 
 class SymmetricAllReduce:
-    """One-shot all-reduce of small CUDA tensors through a buffer that every rank maps (NVLink peer memory).
+    """A TP gang's small collectives through buffers that every rank maps (NVLink peer memory): a one-shot
+    all-reduce, the all-reduce fused with the residual add + RMSNorm after it (`add_rms_norm`), and the
+    LM head's gather onto rank 0 (`gather_to_first`). The one-shot all-reduce:
 
     One kernel copies the input into this rank's buffer, waits on signal pads until every peer has
     done the same, reads all the buffers with plain loads, sums them in rank order (the same bits on
@@ -43,24 +45,25 @@ class SymmetricAllReduce:
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank, same order
         # The fused all-reduce + add + RMSNorm (`add_rms_norm`): its own allocation, so its own signal pad,
         # in two regions that consecutive calls alternate between.
-        self.fused = symm_mem.empty(2 * max_bytes, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(self.fused, self.group_name)
-        offset = self.fused.data_ptr() - handle.buffer_ptrs[handle.rank]  # the same on every rank
-        self.rank = handle.rank
-        self.buffer_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        self.num_programs = min(MAX_FUSED_PROGRAMS, handle.signal_pad_size // 4 // handle.world_size)
+        self.fused, handle, self.buffer_ptrs, self.pad_ptrs = self._peer_table(2 * max_bytes, device)
+        self.rank, world = handle.rank, handle.world_size
+        self.num_programs = min(MAX_FUSED_PROGRAMS, handle.signal_pad_size // 4 // world)
         # The gather onto rank 0 (`gather_to_first`): a third allocation, its pad's "done" tokens given.
-        self.gather_buf = symm_mem.empty(GATHER_MAX_BYTES, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(self.gather_buf, self.group_name)
-        offset = self.gather_buf.data_ptr() - handle.buffer_ptrs[handle.rank]
-        world = handle.world_size
-        self.gather_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        self.gather_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.gather_buf, handle, self.gather_ptrs, self.gather_pad_ptrs = self._peer_table(GATHER_MAX_BYTES, device)
         self.gather_programs = min(GATHER_PROGRAMS, handle.signal_pad_size // 4 // (2 * world))
         if self.rank > 0:
             flags = 2 * self.gather_programs * world
             handle.get_signal_pad(self.rank, (flags,), torch.int32)[flags // 2:].fill_(1)
+
+    def _peer_table(self, nbytes: int, device: torch.device):
+        """Collective: a new peer-mapped allocation, its handle, and int64 [world] tensors on `device` of
+        every rank's address of it and of its signal pad (what the Triton kernels take)."""
+        buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buf, self.group_name)
+        offset = buf.data_ptr() - handle.buffer_ptrs[handle.rank]  # the same on every rank
+        ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        pads = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        return buf, handle, ptrs, pads
 
     @classmethod
     def try_create(cls, group: dist.ProcessGroup, device: torch.device) -> SymmetricAllReduce | None:
