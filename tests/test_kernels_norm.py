@@ -100,7 +100,9 @@ def test_all_reduce_add_rms_norm_one_rank(world, rank, rows, programs, dtype):
     parts, res, w, buffers, pads, y, new_res, offset, used = one_rank_of(world, rank, rows, 48, programs, dtype,
                                                                         DEVICE)
     want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-6)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    # bf16 on the interpreter: its fp32 -> bf16 casts truncate where the reference rounds, twice before
+    # the norm (the sum, then the residual add), which |weight| amplifies: up to a few bf16 ulps of y.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2 if DEVICE == "cpu" else 1.6e-2}[dtype]
     torch.testing.assert_close(y, want_y, atol=tol, rtol=tol)
     # the interpreter truncates fp32 -> bf16 where the GPU rounds: up to one bf16 ulp per rounding
     res_tol = 2**-6 if DEVICE == "cpu" and dtype == torch.bfloat16 else 0.0
