@@ -1,5 +1,5 @@
-"""TP=2 on two GPUs (small all-reduces over symmetric peer memory, the rest over NCCL) gives the
-fp32 greedy tokens of TP=1."""
+"""TP=2 on two GPUs (small collectives over peer memory, the rest over NCCL) gives the fp32 greedy tokens
+of TP=1, and fails in time when a rank dies; the peer-memory kernels against their references."""
 from __future__ import annotations
 
 import pytest
@@ -17,10 +17,13 @@ pytestmark = [
 GPU = {"device": "cuda", "num_kv_blocks": 256}
 
 
-def test_tp2_nccl_equals_tp1(tiny_checkpoints):
+def test_tp2_nccl_equals_tp1_and_survives_a_killed_rank(tiny_checkpoints):
+    import time
+
     import ray
 
     from pdserve.cluster.tp_gang import NCCL_ENV, TPGang
+    from pdserve.errors import WorkerFailedError
 
     path = tiny_checkpoints["llama-gqa-untied"]
     prompts = [[5, 9, 33, 7, 100, 3], [11, 12, 13], list(range(3, 60))]
@@ -28,12 +31,25 @@ def test_tp2_nccl_equals_tp1(tiny_checkpoints):
     expected = make_engine(path, **GPU).generate(prompts, params)
     ray.init(num_gpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": NCCL_ENV})
     try:
-        gang = TPGang(load_config(None, model=path, dtype="float32", **GPU), 2)
+        gang = TPGang(load_config(None, model=path, dtype="float32", rank_timeout_s=20, **GPU), 2)
         try:
-            assert gang.symmetric_all_reduce  # the decode steps' all-reduces took the one-shot path
+            assert gang.symmetric_all_reduce  # the decode steps' all-reduces took the peer-memory path
             assert gang.generate(prompts, params) == expected
             free, total = gang.free_blocks()
             assert free == total
+            # A rank killed between steps: rank 0's next step spins on the GPU for a peer that never comes
+            # (a peer-memory flag, or NCCL): the gang still fails the call in time, and rebuilds.
+            for p in prompts:
+                gang.add_request(p, params)
+            gang.step()
+            ray.kill(gang.ranks[1])
+            start = time.monotonic()
+            with pytest.raises(WorkerFailedError, match="tp gang: rank 1 failed"):
+                while True:
+                    gang.step()
+            assert time.monotonic() - start < 20
+            gang.restart()
+            assert gang.generate(prompts, params) == expected
         except BaseException:
             gang.shutdown()
             raise
