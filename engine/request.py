@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
@@ -39,6 +40,8 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
+    # block_table as int32 numpy for StepBatch.build: (the list it mirrors, how much of it, the buffer)
+    _table_np: tuple | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +53,22 @@ class Request:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
         return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
+
+    def block_table_array(self) -> np.ndarray:
+        """`block_table` as int32 numpy, updated by its new tail only. The list only grows while it is
+        this request's (KVCacheManager appends to it) and is replaced, not edited, when freed."""
+        table, cached = self.block_table, self._table_np
+        n = len(table)
+        if cached is None or cached[0] is not table or cached[1] > n:
+            buf = np.empty(max(16, 2 * n), dtype=np.int32)
+            buf[:n] = table
+        else:
+            _, done, buf = cached
+            if n > buf.size:
+                buf = np.concatenate([buf[:done], np.empty(2 * n - done, dtype=np.int32)])
+            buf[done:n] = table[done:]
+        self._table_np = (table, n, buf)
+        return buf[:n]
 
     @property
     def is_finished(self) -> bool:

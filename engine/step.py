@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pdserve.engine.layers.attention import AttentionMetadata
@@ -31,29 +32,45 @@ class StepBatch:
 
     @classmethod
     def build(cls, plan: SchedulerOutput, block_size: int) -> StepBatch:
-        ids, pos, slots, q_start, seq_lens, logit_rows, tables = [], [], [], [0], [], [], []
+        # NOTE: per request only list appends; positions, slots and the padded block tables are computed
+        # with numpy over the whole step, from each request's block table kept as numpy (converting every
+        # block of every table from Python ints cost 4 ms a step at 256 sequences of 4096 tokens).
+        ids, starts, counts, seq_lens, logit_rows, tables = [], [], [], [], [], []
+        total = 0
         for req, n in plan.scheduled:
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            ids += req.token_ids_range(start, end)
-            pos += range(start, end)
-            table = req.block_table
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-            q_start.append(q_start[-1] + n)
-            seq_lens.append(end)
-            tables.append(table)
-            if end == req.num_tokens:  # caught up: this step samples its next token
-                logit_rows.append(q_start[-1] - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+            start = req.num_computed_tokens
+            ids += req.token_ids_range(start, start + n)
+            starts.append(start)
+            counts.append(n)
+            seq_lens.append(start + n)
+            tables.append(req.block_table_array())
+            total += n
+            if start + n == req.num_tokens:  # caught up: this step samples its next token
+                logit_rows.append(total - 1)
+        S = len(tables)
+        counts_np = np.array(counts, dtype=np.int64)
+        q_start = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(counts_np, out=q_start[1:])
+        seq = np.repeat(np.arange(S), counts_np)  # [T]: the step's sequence of each token
+        pos = np.arange(total, dtype=np.int64) - q_start[seq] + np.repeat(np.array(starts, dtype=np.int64), counts_np)
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=S)
+        width = int(lens.max())
+        flat = np.concatenate(tables)
+        padded = np.zeros((S, width), dtype=np.int32)
+        offsets = np.zeros(S, dtype=np.int64)
+        np.cumsum(lens[:-1], out=offsets[1:])
+        rows = np.repeat(np.arange(S), lens)
+        padded[rows, np.arange(flat.size) - offsets[rows]] = flat
+        slots = padded[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
         return cls(
             input_ids=torch.tensor(ids, dtype=torch.int64),
-            positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(padded, dtype=torch.int32),
-            query_start_loc=torch.tensor(q_start, dtype=torch.int32),
+            positions=torch.from_numpy(pos),
+            slot_mapping=torch.from_numpy(slots),
+            block_tables=torch.from_numpy(padded),
+            query_start_loc=torch.from_numpy(q_start.astype(np.int32)),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64),
-            decode_only=len(ids) == len(plan.scheduled),
+            decode_only=total == S,
         )
 
     def attention_metadata(self) -> AttentionMetadata:
