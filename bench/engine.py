@@ -170,8 +170,9 @@ def main() -> int:
         res_tp, _ = run_gang(config, args.tp, args.context, batches)
         amounts_tp = model_amounts(spec, args.tp)
         rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
-        path = "symmetric one-shot (small) + NCCL (large)" if res_tp["symmetric_all_reduce"] else "NCCL only"
-        print(f"tp{args.tp} all-reduce: {path}")
+        path = ("peer memory (one-shot, fused with the add + RMSNorm, logits onto rank 0) for decode, NCCL for "
+                "prefill" if res_tp["symmetric_all_reduce"] else "NCCL only")
+        print(f"tp{args.tp} collectives: {path}")
         for b in batches:
             rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
                          "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})
