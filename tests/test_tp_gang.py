@@ -57,6 +57,19 @@ def test_embedded_model_tp2_equals_tp1(embedded_dir):
         g.shutdown()
 
 
+def killed_rank_fails_in_time(g: TPGang, within_s: float) -> None:
+    """Kill rank 1 of `g` (a request pending): stepping fails, naming the rank, within `within_s`, and the
+    gang then refuses every call until it is restarted."""
+    ray.kill(g.ranks[1])
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="tp gang: rank 1 failed"):
+        while True:
+            g.step()
+    assert time.monotonic() - start < within_s
+    with pytest.raises(WorkerFailedError, match="broken by an earlier failure"):
+        g.step()
+
+
 def test_two_gangs_start_together_and_die_cleanly(tiny_checkpoints):
     path = tiny_checkpoints["qwen3-qk-norm"]
     expected = make_engine(path).generate(PROMPTS, GREEDY)
@@ -81,14 +94,7 @@ def test_two_gangs_start_together_and_die_cleanly(tiny_checkpoints):
 
         # Kill one rank of gang b with a request pending: the call fails within the timeout.
         b.add_request(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=200))
-        ray.kill(b.ranks[1])
-        start_t = time.monotonic()
-        with pytest.raises(WorkerFailedError, match="tp gang: rank 1 failed"):
-            while True:
-                b.step()
-        assert time.monotonic() - start_t < 20
-        with pytest.raises(WorkerFailedError, match="broken by an earlier failure"):
-            b.step()
+        killed_rank_fails_in_time(b, 20)
         assert a.generate(PROMPTS[:1], GREEDY) == expected[:1]  # the other gang is untouched
         b.restart()
         assert b.generate(PROMPTS, GREEDY) == expected

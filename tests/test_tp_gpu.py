@@ -18,12 +18,10 @@ GPU = {"device": "cuda", "num_kv_blocks": 256}
 
 
 def test_tp2_nccl_equals_tp1_and_survives_a_killed_rank(tiny_checkpoints):
-    import time
-
     import ray
 
     from pdserve.cluster.tp_gang import NCCL_ENV, TPGang
-    from pdserve.errors import WorkerFailedError
+    from test_tp_gang import killed_rank_fails_in_time
 
     path = tiny_checkpoints["llama-gqa-untied"]
     prompts = [[5, 9, 33, 7, 100, 3], [11, 12, 13], list(range(3, 60))]
@@ -42,12 +40,7 @@ def test_tp2_nccl_equals_tp1_and_survives_a_killed_rank(tiny_checkpoints):
             for p in prompts:
                 gang.add_request(p, params)
             gang.step()
-            ray.kill(gang.ranks[1])
-            start = time.monotonic()
-            with pytest.raises(WorkerFailedError, match="tp gang: rank 1 failed"):
-                while True:
-                    gang.step()
-            assert time.monotonic() - start < 20
+            killed_rank_fails_in_time(gang, 20)
             gang.restart()
             assert gang.generate(prompts, params) == expected
         except BaseException:
@@ -69,6 +62,7 @@ def _fused_rank(rank: int, port: int) -> None:
     from pdserve.cluster.tp_gang import NCCL_ENV
     from pdserve.engine.parallel import SymmetricAllReduce
     from pdserve.kernels import norm
+    from pdserve.kernels.peer_gather import gather_to_first_ref
 
     os.environ.update(NCCL_ENV)
     device = torch.device("cuda", rank)
@@ -105,7 +99,7 @@ def _fused_rank(rank: int, port: int) -> None:
     for rows, n in [(1, 1000), (64, 3000), (300, 4096)]:
         shards = [torch.randn(rows, n, generator=torch.Generator(device="cuda").manual_seed(100 + r), device="cuda",
                               dtype=torch.bfloat16) for r in range(2)]
-        want = norm_free_gather(shards, 2 * n - 7)
+        want = gather_to_first_ref(shards, 2 * n - 7, torch.float32)
         eager = [sym.gather_to_first(shards[rank], 2 * n - 7, torch.float32) for _ in range(3)]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -116,12 +110,6 @@ def _fused_rank(rank: int, port: int) -> None:
             for got in eager + replayed:
                 assert (got is None) if rank else torch.equal(got, want)
     dist.destroy_process_group()
-
-
-def norm_free_gather(shards, cols):
-    from pdserve.kernels.peer_gather import gather_to_first_ref
-
-    return gather_to_first_ref(shards, cols, torch.float32)
 
 
 def test_fused_all_reduce_norm_and_gather_two_gpus():
