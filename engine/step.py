@@ -52,7 +52,7 @@ class StepBatch:
         q_start = np.zeros(S + 1, dtype=np.int64)
         np.cumsum(counts_np, out=q_start[1:])
         seq = np.repeat(np.arange(S), counts_np)  # [T]: the step's sequence of each token
-        pos = np.arange(total, dtype=np.int64) - q_start[seq] + np.repeat(np.array(starts, dtype=np.int64), counts_np)
+        pos = np.arange(total, dtype=np.int64) + (np.array(starts, dtype=np.int64) - q_start[:-1])[seq]
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=S)
         width = int(lens.max())
         flat = np.concatenate(tables)

@@ -34,7 +34,7 @@ class PairWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._link = None
-        self._spin_until = 0.0  # monotonic: poll rather than sleep until then (see _next)
+        self._spin_until = 0.0  # monotonic: poll for the current transfer's layers until then
         # CUDA: pinned host buffer of header + block ids, and the event after its last copy (see _stage_ids)
         self._ids_host: torch.Tensor | None = None
         self._ids_copied: torch.cuda.Event | None = None
@@ -61,8 +61,8 @@ class PairWorker:
         `sender_spin_s` after the last one it polls the queue rather than sleeping (see TransferConfig)."""
         now = time.monotonic()
         idle_until = now + self.sender.config.idle_timeout_s
-        self._spin_until = now + self.sender.config.sender_spin_s
-        while not self._queue and not self._stopping and time.monotonic() < self._spin_until:
+        spin_until = now + self.sender.config.sender_spin_s
+        while not self._queue and not self._stopping and time.monotonic() < spin_until:
             time.sleep(0)  # a plain read of the deque: taken under the lock below
         while True:
             with self._cond:
