@@ -5,25 +5,33 @@ ceilings and against `transformers` on the same shape, all measured in one run.
 
 Decode: B sequences of `--context` cached tokens each take one step; the step reads every weight
 once and every sequence's KV, so (weight bytes + KV bytes) / step time is compared with the
-device-copy bandwidth. Prefill: 8 x 2048 new tokens in one step; model FLOPs (2 per weight per
-token, plus causal attention) / time is compared with the bf16 GEMM rate. With --tp N the model
-runs as a TP gang of N Ray actors (one GPU each); times are taken on rank 0, which drives the step.
+device-copy bandwidth. Two decode figures: one step alone (the step's metadata uploaded, the model
+run, every rank synchronised at its end), and the engine's own loop in steady state (B requests of
+`--context` prompt tokens decoding together through `LLMEngine.step`: scheduling, building, running,
+sampling and reading the tokens, with asynchronous scheduling on: what a serving engine's decode
+step costs). Prefill: 8 x 2048 new tokens in one step; model FLOPs (2 per weight per token, plus
+causal attention) / time is compared with the bf16 GEMM rate. With --tp N the model runs as a TP
+gang of N Ray actors (one GPU each); times are taken on rank 0, which drives the step.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from pdserve.config import load_config
 from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.step import StepBatch
 
 DECODE_BATCHES = (1, 16, 64, 256)
+LOOP_STEPS = 24  # timed decode steps of the engine loop per batch size
 
 
 def synthetic_step(batch: int, new_tokens: int, context: int, block_size: int) -> StepBatch:
@@ -57,12 +65,43 @@ def time_step(execute, batch: StepBatch, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def loop_step(engine, batch: int, context: int, steps: int = LOOP_STEPS) -> float:
+    """Seconds per decode step of `engine.step()` in steady state: `batch` requests of `context` random prompt
+    tokens, prefilled first, then `steps` steps timed by the host clock between two device syncs."""
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 16)
+    ids = [engine.add_request([rng.randrange(1000) for _ in range(context)], params) for _ in range(batch)]
+    reqs = [engine.requests[i] for i in ids]
+    while any(not r.output_token_ids for r in reqs):  # every prompt prefilled and its first token read
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
 def measure(engine, context: int, batches=DECODE_BATCHES) -> dict:
-    """Decode step times per batch and the 8 x 2048 prefill time, on `engine` (an LLMEngine or rank 0's)."""
+    """Decode step times per batch (one step alone, and the engine's loop) and the 8 x 2048 prefill time, on
+    `engine` (an LLMEngine or rank 0's)."""
     bs = engine.config.block_size
     decode = {b: time_step(engine.execute, synthetic_step(b, 1, context, bs)) for b in batches}
     prefill = time_step(engine.execute, synthetic_step(8, 2048, 0, bs), iters=5)
-    return {"decode_s": decode, "prefill_s": prefill}
+    overlap = engine.async_scheduling
+    loop = {b: loop_step(engine, b, context) for b in batches}
+    engine.async_scheduling = False  # the same loop reading each step's tokens before planning the next
+    loop_sync = {b: loop_step(engine, b, context) for b in batches}
+    engine.async_scheduling = overlap
+    return {"decode_s": decode, "prefill_s": prefill, "loop_decode_s": loop, "loop_sync_decode_s": loop_sync,
+            "async_scheduling": overlap}
 
 
 def model_amounts(spec: ModelSpec, tp: int) -> dict:
@@ -108,10 +147,11 @@ def hf_baseline(model_dir: str, context: int, batches) -> dict:
 def report(name: str, res: dict, amounts: dict, ceil: dict, context: int, num_gpus: int = 1) -> list[dict]:
     """Decode: bytes each rank reads / step time / copy bandwidth. Prefill: FLOP/s per GPU / GEMM rate."""
     rows = []
-    for b, t in res["decode_s"].items():
-        moved = amounts["weight_bytes"] + b * context * amounts["kv_bytes_per_token"]
-        rows.append({"engine": name, "case": f"decode B={b} ctx={context}", "ms": t * 1e3,
-                     "of_ceiling": moved / t / ceil["copy_bytes_per_s"]})
+    for key, label in (("decode_s", "decode"), ("loop_decode_s", "loop"), ("loop_sync_decode_s", "sync loop")):
+        for b, t in res.get(key, {}).items():
+            moved = amounts["weight_bytes"] + b * context * amounts["kv_bytes_per_token"]
+            rows.append({"engine": name, "case": f"{label} B={b} ctx={context}", "ms": t * 1e3,
+                         "of_ceiling": moved / t / ceil["copy_bytes_per_s"]})
     rate = amounts["prefill_flops"] / res["prefill_s"] / num_gpus
     rows.append({"engine": name, "case": "prefill 8x2048", "ms": res["prefill_s"] * 1e3,
                  "of_ceiling": rate / ceil["gemm_bf16_flop_per_s"]})
@@ -159,7 +199,8 @@ def main() -> int:
     from pdserve.bench.kernels import ceilings
 
     batches = [int(b) for b in args.batches.split(",")]
-    blocks = max(batches) * -(-(args.context + 1) // 16) + 8  # synthetic steps give each sequence whole blocks
+    # synthetic steps give each sequence whole blocks; the loop's requests grow by up to LOOP_STEPS + 16 tokens
+    blocks = max(batches) * -(-(args.context + LOOP_STEPS + 16) // 16) + 8
     config = load_config(None, model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
                          num_kv_blocks=max(blocks, 8 * 2048 // 16 + 8), max_model_len=4096,
                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
@@ -173,9 +214,10 @@ def main() -> int:
         path = ("peer memory (one-shot, fused with the add + RMSNorm, logits onto rank 0) for decode, NCCL for "
                 "prefill" if res_tp["symmetric_all_reduce"] else "NCCL only")
         print(f"tp{args.tp} collectives: {path}")
-        for b in batches:
-            rows.append({"engine": f"tp{args.tp}/tp1", "case": f"decode B={b} time ratio", "ms": float("nan"),
-                         "of_ceiling": res_tp["decode_s"][b] / res["decode_s"][b]})
+        for key, label in (("decode_s", "decode"), ("loop_decode_s", "loop"), ("loop_sync_decode_s", "sync loop")):
+            for b in batches:
+                rows.append({"engine": f"tp{args.tp}/tp1", "case": f"{label} B={b} time ratio", "ms": float("nan"),
+                             "of_ceiling": res_tp[key][b] / res[key][b]})
     if not args.no_hf:
         hf = hf_baseline(args.model, args.context, batches)
         rows += report("transformers", hf, model_amounts(spec, 1), ceil, args.context)

@@ -13,9 +13,9 @@ from pdserve.engine.model_runner import ModelRunner, pick_device
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.parallel import SINGLE
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.sampler import Logprobs
+from pdserve.engine.sampler import Logprobs, SamplerOutput
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.step import StepBatch
 from pdserve.errors import InvalidRequestError
 
@@ -31,7 +31,33 @@ class RequestOutput:
     logprobs: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class _Launched:
+    """A step enqueued on the device whose sampled tokens the host has not read yet."""
+
+    sampling: list[Request]  # the requests it samples, in row order
+    sampled: torch.Tensor | None  # [N] int64 on the device: where the next step's pending inputs come from
+    tokens: torch.Tensor | None  # [N] int64 on the host, filled once `ready` has fired
+    logprobs: Logprobs | None  # on the host, likewise
+    ready: torch.cuda.Event | None  # CUDA: recorded after the copies to the host
+
+    def live(self) -> bool:
+        """Some request it samples for is still running (otherwise its tokens would all be dropped)."""
+        return any(not req.is_finished for req in self.sampling)
+
+
 class LLMEngine:
+    """Continuous batching over one model runner.
+
+    With asynchronous scheduling (`async_scheduling`; on by default where the model runs on a GPU) each
+    `step` enqueues the next step before it reads the tokens of the one in flight, so the host's work
+    (scheduling, building, sampling set-up, detokenizing downstream) overlaps the device's: a decode row's
+    input token is then taken on the device from the previous step's samples. Outputs come one step later,
+    and a request that stops on a token (EOS, a stop id) has had one more row computed, which is dropped.
+    A step where some request uses penalties (they read the full output history) waits for the step in
+    flight first.
+    """
+
     def __init__(self, config: DeploymentConfig, runner: ModelRunner | None = None):
         if runner is None:
             spec = load_model_spec(resolve_model(config.model))
@@ -42,6 +68,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        overlap = config.async_scheduling
+        self.async_scheduling = runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launched | None = None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
@@ -75,34 +104,75 @@ class LLMEngine:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self._in_flight is not None and self._in_flight.live())
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and enqueue a step; return the tokens of the step that finished (this one, or with
+        asynchronous scheduling the one before)."""
+        prev, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and self._needs_history():
+            outputs, prev = self._resolve(prev), None
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        sampling = [req for req, n in plan.scheduled if req.num_computed_tokens + n == req.num_tokens]
-        logits = self.execute(StepBatch.build(plan, self.config.block_size))
-        if not sampling:  # only partial prompt chunks this step
-            self.scheduler.update(plan, {})
-            return []
-        out = self.runner.sample(logits, sampling)
-        tokens = out.token_ids.tolist()  # the step's one host sync
-        finished = self.scheduler.update(plan, dict(zip(sampling, tokens)))
-        return self._outputs(sampling, tokens, finished, out.logprobs)
+        launched = self._launch(plan, prev) if not plan.is_empty else None
+        if prev is not None:
+            outputs = self._resolve(prev)
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._resolve(launched)
+        return outputs
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model over one step (a TP gang's rank 0 also ships `batch` to its peers)."""
-        return self.runner.forward(batch)
+        return self.runner.forward(batch, prev_sampled)
 
-    def _outputs(self, sampling: list[Request], tokens: list[int], finished: list[Request],
-                 logprobs: Logprobs | None) -> list[RequestOutput]:
+    def _needs_history(self) -> bool:
+        """Some request's sampling reads its whole output (penalties): it cannot be planned past a token the
+        host has not read."""
+        return any(r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _launch(self, plan: SchedulerOutput, prev: _Launched | None) -> _Launched:
+        """Build, run and sample one step without waiting for the device; pending inputs come from `prev`."""
+        sampling = [req for req, n in plan.scheduled if req.num_computed_tokens + n == req.num_tokens]
+        num_prev = len(prev.sampling) if prev is not None else 0
+        logits = self.execute(StepBatch.build(plan, self.config.block_size, num_prev),
+                              prev.sampled if prev is not None else None)
+        out = self.runner.sample(logits, sampling) if sampling else None
+        self.scheduler.launched(plan, sampling)
+        return self._copy_to_host(sampling, out)
+
+    def _copy_to_host(self, sampling: list[Request], out: SamplerOutput | None) -> _Launched:
+        """Start the copies of the sampled ids (and logprobs) to the host; CUDA: pinned, not awaited."""
+        if out is None:
+            return _Launched(sampling, None, None, None, None)
+        if out.token_ids.device.type != "cuda":
+            return _Launched(sampling, out.token_ids, out.token_ids, out.logprobs, None)
+        lp = out.logprobs
+        if lp is not None:  # non_blocking copies to the host land in pinned memory
+            lp = Logprobs(*(t.to("cpu", non_blocking=True) for t in (lp.token_logprobs, lp.top_token_ids,
+                                                                     lp.top_logprobs)))
+        tokens = out.token_ids.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(sampling, out.token_ids, tokens, lp, ready)
+
+    def _resolve(self, step: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for the device if it is still running) and hand them out."""
+        if step.tokens is None:  # only partial prompt chunks
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.tokens.tolist()
+        rows = _logprob_rows(step.logprobs, [req.sampling_params.logprobs for req in step.sampling])
+        logprobs = dict(zip(step.sampling, rows))
+        kept, finished = self.scheduler.resolve(list(zip(step.sampling, tokens)))
         done = set(finished)
         results = []
-        rows = _logprob_rows(logprobs, [req.sampling_params.logprobs for req in sampling])
-        for req, tok, lp in zip(sampling, tokens, rows):
+        for req, tok in kept:
             results.append(RequestOutput(req.request_id, [tok], req in done,
-                                         req.status.value if req in done else None, lp))
+                                         req.status.value if req in done else None, logprobs[req]))
             if req in done:
                 self.requests.pop(req.request_id, None)
         return results

@@ -124,13 +124,33 @@ class ModelRunner:
         return capacity
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch) -> torch.Tensor:
-        """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows."""
+    def forward(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows.
+
+        `prev_sampled` (rank 0, asynchronous scheduling): the previous step's sampled ids on the device, where
+        the step's pending input tokens (batch.prev_rows) come from; rank 0 broadcasts them to the others.
+        """
         batch = batch.to(self.device, self.staging)
+        if len(batch.prev_rows):
+            batch.input_ids = self._fill_pending(batch, prev_sampled)
         if self.graphs is not None and self.graphs.can_run(batch):  # shapes only: no sync
             return self.graphs.run(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def _fill_pending(self, batch: StepBatch, prev_sampled: torch.Tensor | None) -> torch.Tensor:
+        """The step's input ids with the previous step's sampled tokens in their rows, on the device.
+
+        NOTE: under TP only rank 0 samples; the others get its sampled ids by one broadcast (stream-ordered
+        on NCCL: no host waits), as small as the batch.
+        """
+        if self.tp.rank == 0:
+            assert prev_sampled is not None and prev_sampled.shape == (batch.num_prev,), "previous step's ids"
+            sampled = prev_sampled
+        else:
+            sampled = torch.empty(batch.num_prev, dtype=torch.int64, device=self.device)
+        self.tp.broadcast_from_first(sampled)
+        return batch.input_ids.index_put((batch.prev_rows,), sampled[batch.prev_src])
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:

@@ -163,6 +163,11 @@ class TPGroup:
             return self.symmetric.add_rms_norm(x, residual, weight, eps, slot)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
+    def broadcast_from_first(self, x: torch.Tensor) -> None:
+        """Rank 0's `x` into every rank's `x`, in place (NCCL: ordered on the current stream, no host wait)."""
+        if self.size > 1:
+            dist.broadcast(x, group=self.group, group_src=0)
+
     def gather_logits(self, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """The LM head's [N, vocab shard] -> fp32 [N, vocab_size] on rank 0, which alone samples. The other
         ranks get an empty [N, 0] on the peer-memory path (nothing to sample from), the logits on the

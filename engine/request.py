@@ -40,19 +40,33 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
+    # Asynchronous scheduling: tokens sampled on the device whose ids the host has not read yet (at most one
+    # when a step is scheduled), and that token's row among its step's sampled rows.
+    num_pending: int = 0
+    pending_row: int = -1
     # block_table as int32 numpy for StepBatch.build: (the list it mirrors, how much of it, the buffer)
     _table_np: tuple | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output, counting the sampled tokens not read yet (num_pending)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + output whose ids the host holds."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids_range(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the whole sequence each step."""
+        """Tokens [start, end) of prompt + output, without building the whole sequence each step. A pending
+        token (not read yet) reads as 0: the step that computes it takes its id from the device."""
         num_prompt = len(self.prompt_token_ids)
+        missing = max(0, end - self.num_known_tokens)
         if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        return self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
+            ids = self.output_token_ids[start - num_prompt : end - num_prompt]
+        else:
+            ids = self.prompt_token_ids[start:end] + self.output_token_ids[: max(0, end - num_prompt)]
+        return ids + [0] * missing if missing else ids
 
     def block_table_array(self) -> np.ndarray:
         """`block_table` as int32 numpy, updated by its new tail only. The list only grows while it is
@@ -82,6 +96,12 @@ class Request:
         params, last = self.sampling_params, self.output_token_ids[-1]
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(self.output_token_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
+        if len(self.output_token_ids) >= params.max_tokens or self.num_known_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def ends_by_length(self, max_model_len: int) -> bool:
+        """Its pending tokens alone reach max_tokens or max_model_len: it ends when they are read, so
+        scheduling another token for it would be wasted."""
+        return (len(self.output_token_ids) + self.num_pending >= self.sampling_params.max_tokens
+                or self.num_tokens >= max_model_len)

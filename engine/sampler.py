@@ -52,7 +52,7 @@ class SamplingBatch:
         sampled = [p for p in params if not p.is_greedy]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         batch = cls(
             num_seqs=len(params),
@@ -93,12 +93,20 @@ class SamplingBatch:
         return batch
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the device (CUDA: through pinned memory,
+    copied in stream order; a plain copy from pageable memory would wait for the step in flight)."""
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _token_counts(histories: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """How often each token id occurs in each history: [B, V] float32."""
     max_len = max(len(h) for h in histories)
     # Pad with vocab_size: it lands in a spare last column that is cut off.
     padded = [h + [vocab_size] * (max_len - len(h)) for h in histories]
-    ids = torch.tensor(padded, dtype=torch.int64, device=device).view(len(histories), max_len)  # [B, L]
+    ids = to_device(torch.tensor(padded, dtype=torch.int64), device).view(len(histories), max_len)  # [B, L]
     counts = torch.zeros(len(histories), vocab_size + 1, device=device)  # [B, V + 1]
     counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
     return counts[:, :vocab_size]

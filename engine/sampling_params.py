@@ -62,6 +62,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        """Sampling reads the whole output so far (repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
     def _check_int(self, name: str, low: int, high: int | None = None, optional: bool = False):
         value = getattr(self, name)
         if value is None and optional:

@@ -8,6 +8,11 @@ chunked prefill). Running requests are served first, oldest first; waiting ones 
 between steps. When blocks run out, the newest running request is preempted: its
 blocks are freed and it returns to the front of the queue to be recomputed. Nothing is
 ever dropped.
+
+A step is `launched` (its tokens count as computed, its samples as pending) and later
+`resolve`d with the sampled ids. With asynchronous scheduling the next step is planned
+in between: a request's pending token is scheduled like any other (the step takes its
+id from the device), unless it already ends the request by length.
 """
 from __future__ import annotations
 
@@ -57,6 +62,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and req.ends_by_length(self.max_model_len):
+                i += 1  # its last token is on its way: nothing left to compute
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._make_room(req, n, preempted):
                 break  # `req` itself was the newest and got preempted
@@ -97,18 +105,34 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
-    def update(self, output: SchedulerOutput, sampled: dict[Request, int]) -> list[Request]:
-        """Advance the requests of a finished step; return those that finished."""
-        finished = []
+    def launched(self, output: SchedulerOutput, sampling: list[Request]) -> None:
+        """The step is enqueued: its tokens are computed, and each of `sampling` awaits one sampled token."""
         for req, n in output.scheduled:
             req.num_computed_tokens += n
-        for req, token in sampled.items():
+        for row, req in enumerate(sampling):
+            req.num_pending += 1
+            req.pending_row = row
+
+    def resolve(self, sampled: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """A launched step's tokens are known: append them. Returns the tokens kept (not those of requests
+        that ended meanwhile: aborted, or stopped by the token before) and the requests that finished."""
+        kept, finished = [], []
+        for req, token in sampled:
+            req.num_pending -= 1
+            if req.is_finished:
+                continue
             req.append_token(token)
+            kept.append((req, token))
             status = req.check_stop(self.max_model_len)
             if status is not None:
                 self.finish(req, status)
                 finished.append(req)
-        return finished
+        return kept, finished
+
+    def update(self, output: SchedulerOutput, sampled: dict[Request, int]) -> list[Request]:
+        """A step launched and resolved at once; returns the requests that finished."""
+        self.launched(output, list(sampled))
+        return self.resolve(list(sampled.items()))[1]
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End `req` wherever it is (waiting or running) and free its blocks at once."""

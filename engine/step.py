@@ -13,7 +13,7 @@ import torch
 from pdserve.engine.layers.attention import AttentionMetadata
 from pdserve.engine.scheduler import SchedulerOutput
 
-_HEADER = 5  # T, S, max_blocks, N, decode_only
+_HEADER = 7  # T, S, max_blocks, N, decode_only, P, num_prev
 
 
 @dataclass
@@ -26,16 +26,23 @@ class StepBatch:
     seq_lens: torch.Tensor  # [S] int32
     logits_indices: torch.Tensor  # [N] int64: rows of the hidden states that get sampled
     decode_only: bool
+    # Asynchronous scheduling: input_ids[prev_rows[i]] is the token the previous step sampled in its row
+    # prev_src[i] (of num_prev rows); the host does not know it yet, the device does (ModelRunner.forward).
+    prev_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # [P] int64
+    prev_src: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # [P] int64
+    num_prev: int = 0
     # The packed form, made at most once (a step's fields never change once it is packed): rank 0
     # packs for its peers and for its own upload, and a peer uploads exactly what it received.
     packed: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def build(cls, plan: SchedulerOutput, block_size: int) -> StepBatch:
+    def build(cls, plan: SchedulerOutput, block_size: int, num_prev: int = 0) -> StepBatch:
+        """The step of `plan`; `num_prev`: rows the previous step sampled, where pending tokens come from."""
         # NOTE: per request only list appends; positions, slots and the padded block tables are computed
         # with numpy over the whole step, from each request's block table kept as numpy (converting every
         # block of every table from Python ints cost 4 ms a step at 256 sequences of 4096 tokens).
         ids, starts, counts, seq_lens, logit_rows, tables = [], [], [], [], [], []
+        prev_rows, prev_src = [], []
         total = 0
         for req, n in plan.scheduled:
             start = req.num_computed_tokens
@@ -47,6 +54,10 @@ class StepBatch:
             total += n
             if start + n == req.num_tokens:  # caught up: this step samples its next token
                 logit_rows.append(total - 1)
+                if req.num_pending:  # its last input token was sampled by the previous step, not read yet
+                    assert n == 1 and 0 <= req.pending_row < num_prev, (n, req.pending_row, num_prev)
+                    prev_rows.append(total - 1)
+                    prev_src.append(req.pending_row)
         S = len(tables)
         counts_np = np.array(counts, dtype=np.int64)
         q_start = np.zeros(S + 1, dtype=np.int64)
@@ -71,6 +82,9 @@ class StepBatch:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64),
             decode_only=total == S,
+            prev_rows=torch.tensor(prev_rows, dtype=torch.int64),
+            prev_src=torch.tensor(prev_src, dtype=torch.int64),
+            num_prev=num_prev if prev_rows else 0,
         )
 
     def attention_metadata(self) -> AttentionMetadata:
@@ -81,37 +95,38 @@ class StepBatch:
     def to(self, device: torch.device, staging: PinnedStaging | None = None) -> StepBatch:
         """The same step on `device`: with `staging`, one pinned non-blocking copy of the packed step."""
         if staging is None or device.type != "cuda":
-            moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-            return StepBatch(**moved, decode_only=self.decode_only)
+            moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k != "packed"}
+            return StepBatch(**moved, decode_only=self.decode_only, num_prev=self.num_prev)
         flat = staging.upload(self.pack())
         return StepBatch.unpack(flat, header=self.header())
 
     def header(self) -> list[int]:
         S, M = self.block_tables.shape
-        return [len(self.input_ids), S, M, len(self.logits_indices), int(self.decode_only)]
+        return [len(self.input_ids), S, M, len(self.logits_indices), int(self.decode_only), len(self.prev_rows),
+                self.num_prev]
 
     def pack(self) -> torch.Tensor:
         """One flat int64 tensor: a header of sizes, then every field."""
         if self.packed is None:
             parts = [torch.tensor(self.header(), dtype=torch.int64), self.input_ids, self.positions,
                      self.slot_mapping, self.block_tables.flatten(), self.query_start_loc, self.seq_lens,
-                     self.logits_indices]
+                     self.logits_indices, self.prev_rows, self.prev_src]
             self.packed = torch.cat([p.to(torch.int64) for p in parts])
         return self.packed
 
     @classmethod
     def unpack(cls, flat: torch.Tensor, header: list[int] | None = None) -> StepBatch:
         """Inverse of `pack`. With `header` known on the host, a device `flat` is read without a sync."""
-        T, S, M, N, decode_only = header if header is not None else flat[:_HEADER].tolist()
-        sizes = [T, T, T, S * M, S + 1, S, N]
-        ids, pos, slots, tables, q_start, seq_lens, rows = flat[_HEADER:].split(sizes)
+        T, S, M, N, decode_only, P, num_prev = header if header is not None else flat[:_HEADER].tolist()
+        sizes = [T, T, T, S * M, S + 1, S, N, P, P]
+        ids, pos, slots, tables, q_start, seq_lens, rows, prev_rows, prev_src = flat[_HEADER:].split(sizes)
         return cls(ids, pos, slots, tables.view(S, M).int(), q_start.int(), seq_lens.int(), rows,
-                   bool(decode_only), packed=flat)
+                   bool(decode_only), prev_rows, prev_src, num_prev, packed=flat)
 
     @staticmethod
     def max_packed_size(max_tokens: int, max_seqs: int, max_blocks_per_seq: int) -> int:
         """Words of the largest packed step a scheduler with these limits can produce."""
-        return _HEADER + 3 * max_tokens + max_seqs * (max_blocks_per_seq + 3) + 1
+        return _HEADER + 3 * max_tokens + max_seqs * (max_blocks_per_seq + 5) + 1
 
 
 class PinnedStaging:

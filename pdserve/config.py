@@ -71,6 +71,9 @@ class DeploymentConfig(_Strict):
     max_num_batched_tokens: int = Field(4096, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     enable_cuda_graphs: bool = True
+    # Plan and enqueue the next step before reading the sampled tokens of the one in flight (the host's work
+    # overlaps the device's). None: on where the model runs on a GPU, off on CPU (nothing to overlap there).
+    async_scheduling: bool | None = None
     disaggregated: bool = True
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()

@@ -44,6 +44,24 @@ def test_tp2_equals_tp1(tmp_path, kv_heads, heads):
     assert g.shutdown() is True  # rank 0 stopped every rank on request: nothing had to be killed
 
 
+def test_tp2_async_scheduling_equals_tp1(tiny_checkpoints):
+    """Rank 0 plans each step before reading the previous one's tokens; the other rank gets the sampled ids
+    it needs by broadcast. Greedy, seeded and stopped requests come out as from a synchronous TP=1 engine."""
+    path = tiny_checkpoints["llama-gqa-untied"]
+    stop = make_engine(path).generate(PROMPTS[:1], GREEDY)[0][2]
+    params = [SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop]),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=7), GREEDY]
+    expected = make_engine(path, async_scheduling=False).generate(PROMPTS, params)
+    g = gang(path, async_scheduling=True)
+    try:
+        assert g.generate(PROMPTS, params) == expected
+        assert expected[0][-1] == stop and len(expected[0]) == 3
+        free, total = g.free_blocks()
+        assert free == total
+    finally:
+        g.shutdown()
+
+
 def test_embedded_model_tp2_equals_tp1(embedded_dir):
     from pdserve.engine.tokenizer import load_tokenizer
 
