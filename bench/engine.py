@@ -32,6 +32,8 @@ from pdserve.engine.step import StepBatch
 
 DECODE_BATCHES = (1, 16, 64, 256)
 LOOP_STEPS = 24  # timed decode steps of the engine loop per batch size
+# measure()'s decode figures: (result key, row label)
+DECODE_FIGURES = (("decode_s", "decode"), ("loop_decode_s", "loop"), ("loop_sync_decode_s", "sync loop"))
 
 
 def synthetic_step(batch: int, new_tokens: int, context: int, block_size: int) -> StepBatch:
@@ -147,7 +149,7 @@ def hf_baseline(model_dir: str, context: int, batches) -> dict:
 def report(name: str, res: dict, amounts: dict, ceil: dict, context: int, num_gpus: int = 1) -> list[dict]:
     """Decode: bytes each rank reads / step time / copy bandwidth. Prefill: FLOP/s per GPU / GEMM rate."""
     rows = []
-    for key, label in (("decode_s", "decode"), ("loop_decode_s", "loop"), ("loop_sync_decode_s", "sync loop")):
+    for key, label in DECODE_FIGURES:
         for b, t in res.get(key, {}).items():
             moved = amounts["weight_bytes"] + b * context * amounts["kv_bytes_per_token"]
             rows.append({"engine": name, "case": f"{label} B={b} ctx={context}", "ms": t * 1e3,
@@ -214,7 +216,7 @@ def main() -> int:
         path = ("peer memory (one-shot, fused with the add + RMSNorm, logits onto rank 0) for decode, NCCL for "
                 "prefill" if res_tp["symmetric_all_reduce"] else "NCCL only")
         print(f"tp{args.tp} collectives: {path}")
-        for key, label in (("decode_s", "decode"), ("loop_decode_s", "loop"), ("loop_sync_decode_s", "sync loop")):
+        for key, label in DECODE_FIGURES:
             for b in batches:
                 rows.append({"engine": f"tp{args.tp}/tp1", "case": f"{label} B={b} time ratio", "ms": float("nan"),
                              "of_ceiling": res_tp[key][b] / res[key][b]})

@@ -129,11 +129,6 @@ class Scheduler:
                 finished.append(req)
         return kept, finished
 
-    def update(self, output: SchedulerOutput, sampled: dict[Request, int]) -> list[Request]:
-        """A step launched and resolved at once; returns the requests that finished."""
-        self.launched(output, list(sampled))
-        return self.resolve(list(sampled.items()))[1]
-
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End `req` wherever it is (waiting or running) and free its blocks at once."""
         if req in self.running:

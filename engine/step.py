@@ -95,7 +95,7 @@ class StepBatch:
     def to(self, device: torch.device, staging: PinnedStaging | None = None) -> StepBatch:
         """The same step on `device`: with `staging`, one pinned non-blocking copy of the packed step."""
         if staging is None or device.type != "cuda":
-            moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k != "packed"}
+            moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
             return StepBatch(**moved, decode_only=self.decode_only, num_prev=self.num_prev)
         flat = staging.upload(self.pack())
         return StepBatch.unpack(flat, header=self.header())

@@ -21,8 +21,9 @@ def create_requests(lengths, max_tokens=4):
 
 def run_step(sched, token=7):
     plan = sched.schedule()
-    sampled = {r: token for r, n in plan.scheduled if r.num_computed_tokens + n == r.num_tokens}
-    sched.update(plan, sampled)
+    sampling = [r for r, n in plan.scheduled if r.num_computed_tokens + n == r.num_tokens]
+    sched.launched(plan, sampling)
+    sched.resolve([(r, token) for r in sampling])
     return plan
 
 
