@@ -1,6 +1,7 @@
 """All-reduce microbenchmark: the symmetric one-shot path (`SymmetricAllReduce`) against NCCL, eager
 and inside a CUDA graph, at the message sizes of a decode step; and the all-reduce fused with the residual
-add + RMSNorm after it (one kernel) against the one-shot all-reduce followed by the add + RMSNorm kernel.
+add + RMSNorm after it (one kernel, rows sent each way: LL and plain + flags) against the one-shot
+all-reduce followed by the add + RMSNorm kernel.
 
     python -m pdserve.bench.all_reduce [--sizes 8K,128K,512K,2M,8M] [--out DIR]
 
@@ -89,7 +90,7 @@ def measure_size(sym: SymmetricAllReduce, nbytes: int, rank: int) -> dict:
     outs = []
     row["symmetric_graph_us"] = graph_us(lambda: outs.append(sym(x)), reset)
     row["symmetric_graph_exact"] = torch.equal(outs[-1], exact)
-    if nbytes % (HIDDEN * 2) == 0 and 2 * nbytes <= sym.fused.numel():
+    if nbytes % (HIDDEN * 2) == 0 and nbytes <= sym.max_bytes:
         row.update(measure_fused(sym, nbytes, rank, reset))
     return row
 
@@ -110,13 +111,18 @@ def measure_fused(sym: SymmetricAllReduce, nbytes: int, rank: int, reset) -> dic
         return norm.fused_add_rms_norm_triton(sym(parts[rank]), res, w, 1e-5)
 
     unfused()
-    fused()  # compiled before capture
-    row = {"unfused_graph_us": graph_us(unfused, reset), "fused_graph_us": graph_us(fused, reset)}
-    y, new_res = calls[-1]
-    row["fused_residual_exact"] = torch.equal(new_res, want_res)
-    row["fused_max_err"] = (y.float() - want_y.float()).abs().max().item()
+    row = {"unfused_graph_us": graph_us(unfused, reset)}
+    default = sym.ll_max_bytes
+    for mode, ll_max in (("ll", nbytes), ("plain", 0)):  # each way of sending the rows, forced
+        sym.ll_max_bytes = ll_max
+        fused()  # compiled before capture
+        row[f"fused_{mode}_graph_us"] = graph_us(fused, reset)
+        y, new_res = calls[-1]
+        row[f"fused_{mode}_residual_exact"] = torch.equal(new_res, want_res)
+        row[f"fused_{mode}_max_err"] = (y.float() - want_y.float()).abs().max().item()
+    sym.ll_max_bytes = default
+    row["fused_default"] = "ll" if nbytes <= default else "plain"
     return row
-
 
 def measure_gather(sym: SymmetricAllReduce, rows: int, rank: int, vocab: int = 128256) -> dict:
     """The LM head's logits ([rows, vocab / 2] bf16 per rank) onto fp32 [rows, vocab]: NCCL all-gather +
@@ -149,12 +155,14 @@ def worker(rank: int, port: int, sizes: list[int], out: str | None) -> None:
             print(f"{r['bytes']:>9}{r['nccl_eager_us']:>12.1f}{r['symmetric_eager_us']:>12.1f}"
                   f"{r['nccl_graph_us']:>12.1f}{r['symmetric_graph_us']:>12.1f}  "
                   f"{r['nccl_exact']}/{r['symmetric_exact'] and r['symmetric_graph_exact']}")
-        fused = [r for r in rows if "fused_graph_us" in r]
+        fused = [r for r in rows if "fused_ll_graph_us" in r]
         if fused:
-            print(f"\n{'rows':>9}{'AR+norm':>12}{'fused':>12}  residual exact, max |y err| (µs per pair, graph)")
+            print(f"\n{'rows':>9}{'AR+norm':>12}{'fused LL':>12}{'fused plain':>12}  default; residual exact, "
+                  f"max |y err| (LL/plain) (µs per pair, graph)")
             for r in fused:
-                print(f"{r['bytes'] // (HIDDEN * 2):>9}{r['unfused_graph_us']:>12.1f}{r['fused_graph_us']:>12.1f}  "
-                      f"{r['fused_residual_exact']}, {r['fused_max_err']:.3g}")
+                print(f"{r['bytes'] // (HIDDEN * 2):>9}{r['unfused_graph_us']:>12.1f}{r['fused_ll_graph_us']:>12.1f}"
+                      f"{r['fused_plain_graph_us']:>12.1f}  {r['fused_default']:>5}; {r['fused_ll_residual_exact']}/"
+                      f"{r['fused_plain_residual_exact']}, {r['fused_ll_max_err']:.3g}/{r['fused_plain_max_err']:.3g}")
         print(f"\n{'rows':>9}{'NCCL':>12}{'peer':>12}  exact; LM-head logits onto rank 0 (µs per call, graph)")
         for g in gathers:
             print(f"{g['rows']:>9}{g['nccl_graph_us']:>12.1f}{g['peer_graph_us']:>12.1f}  {g['peer_exact']}")

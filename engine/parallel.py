@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 # 8 KiB 6.5 µs against NCCL's 10.7, 512 KiB 10.8 against 14.2, 2 MiB 21.6 against 31.2, but 8 MiB 63 against
 # 49 (`python -m pdserve.bench.all_reduce`). Decode steps up to B=256 at hidden 4096 in bf16 (2 MiB) fit.
 SYMMETRIC_MAX_BYTES = 4 << 20
-# Programs of the fused all-reduce + add + RMSNorm: one row each up to this many rows (one pair of flags
-# per program and peer in the signal pad).
-MAX_FUSED_PROGRAMS = 256
+# The fused all-reduce + add + RMSNorm sends rows with a flag in every 8-byte word up to this many bytes of
+# rows, then plain rows and a flag per program (kernels/norm.py). 2 x H200, µs per call in a graph, rows of
+# 4096 bf16 (`python -m pdserve.bench.all_reduce`): LL / plain 4.2 / 5.3 (1 row), 6.0 / 6.3 (32), 8.5 / 8.2
+# (64), 19.7 / 14.7 (256).
+LL_MAX_BYTES = 256 << 10
 # The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
 # Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).
 GATHER_MAX_BYTES = 32 << 20
@@ -43,11 +45,20 @@ class SymmetricAllReduce:
         self.max_bytes = max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank, same order
-        # The fused all-reduce + add + RMSNorm (`add_rms_norm`): its own allocation, so its own signal pad,
-        # in two regions that consecutive calls alternate between.
-        self.fused, handle, self.buffer_ptrs, self.pad_ptrs = self._peer_table(2 * max_bytes, device)
-        self.rank, world = handle.rank, handle.world_size
-        self.num_programs = min(MAX_FUSED_PROGRAMS, handle.signal_pad_size // 4 // world)
+        # The fused all-reduce + add + RMSNorm (`add_rms_norm`): its own allocation, two slots that consecutive
+        # calls alternate between, each a region per source rank of max_bytes of rows pushed as 8-byte words
+        # (4 bytes of data + an epoch), zeroed (a word left over must carry no epoch a call awaits) before any
+        # rank pushes into it; and each slot's epoch counter.
+        self.region_words = max_bytes // 4
+        world = group.size()
+        self.fused, handle, self.buffer_ptrs, _ = self._peer_table(
+            norm.fused_buffer_bytes(world, self.region_words), device)
+        self.fused.zero_()
+        self.epochs = torch.zeros(2, dtype=torch.int32, device=device)
+        self.rank = handle.rank
+        self.num_programs = norm.MAX_FUSED_PROGRAMS
+        self.ll_max_bytes = LL_MAX_BYTES
+        dist.all_reduce(torch.zeros(1, device=device), group=group)  # every rank's buffer zeroed before a push
         # The gather onto rank 0 (`gather_to_first`): a third allocation, its pad's "done" tokens given.
         self.gather_buf, handle, self.gather_ptrs, self.gather_pad_ptrs = self._peer_table(GATHER_MAX_BYTES, device)
         self.gather_programs = min(GATHER_PROGRAMS, handle.signal_pad_size // 4 // (2 * world))
@@ -78,8 +89,9 @@ class SymmetricAllReduce:
                 if got is not None:
                     works = works and torch.equal(got, torch.arange(group.size(), device=device)
                                                   .repeat_interleave(3).expand(2, -1).float())
-            ones, zeros = torch.ones(3, 64, device=device), torch.zeros(3, 64, device=device)
-            for slot in (0, 1):  # sum of ones = group size; normalized, all ones
+            ones = torch.ones(3, 64, device=device, dtype=torch.bfloat16)
+            zeros = torch.zeros_like(ones)
+            for slot in (0, 1, 0, 1):  # twice round each slot's next epoch; sum of ones = group size, normalized: ones
                 y, total = symmetric.add_rms_norm(ones, zeros, ones[0], 0.0, slot)
                 works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
         except RuntimeError as e:
@@ -110,19 +122,20 @@ class SymmetricAllReduce:
             num_programs=self.gather_programs)
 
     def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.shape == x.shape
-                and residual.stride(-1) == 1 and x.numel() * x.element_size() <= self.max_bytes)
+        return x.is_cuda and norm.can_fuse_all_reduce(x, residual) and x.nbytes <= self.max_bytes
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                      slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(sum of x over the group + residual), that sum + residual): one kernel, one peer round trip.
+        """(norm(sum of x over the group + residual), that sum + residual): one kernel; each rank pushes its
+        rows into the others' buffers and reads only its own (kernels/norm.py).
 
-        NOTE: `slot` (0 or 1) picks the buffer region; two calls in a row must use different slots (a peer
-        may still be reading the region of the previous call when this one starts writing).
+        NOTE: `slot` (0 or 1) picks the buffer's half; two calls in a row must use different slots (a peer
+        may push the next call's rows while this rank still reads the previous call's).
         """
         return norm.all_reduce_add_rms_norm_triton(
-            x, residual, weight, eps, buffer_ptrs=self.buffer_ptrs, pad_ptrs=self.pad_ptrs,
-            buffer_offset=slot * self.max_bytes // x.element_size(), rank=self.rank, num_programs=self.num_programs)
+            x, residual, weight, eps, buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
+            region_words=self.region_words, rank=self.rank, num_programs=self.num_programs,
+            ll=x.nbytes <= self.ll_max_bytes)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.signal import spin_cas
-
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / rms(x)) over the last dim; the statistics in fp32, then cast back as HF does."""
@@ -90,79 +88,164 @@ def all_reduce_add_rms_norm_ref(
 
 
 @triton.jit
+def _halves(words, DTYPE: tl.constexpr):
+    """int32 words holding two 16-bit values each -> (low halves, high halves) as fp32."""
+    lo = (words & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    hi = (words >> 16).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _words(lo, hi, DTYPE: tl.constexpr):
+    """The inverse of _halves: (lo, hi) rounded to DTYPE and packed two to an int32 word."""
+    lo16 = lo.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
+    return (hi16 << 16) | lo16
+
+
+@triton.jit
 def _all_reduce_add_rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, pad_ptrs, buf_offset, num_rows, stride_x, stride_r, eps,
-    RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, epochs_ptr, slot, region_words, num_rows, stride_x,
+    stride_r, eps, RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr,
+    BLOCK: tl.constexpr, DTYPE: tl.constexpr, LL: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
 ):
-    # Program p takes rows p, p + P, ... on every rank. (1) it copies this rank's partial rows into its
-    # buffer; (2) it meets program p of every other rank through the signal pads: it sets flag
-    # [p, RANK] on each peer's pad (0 -> 1, release) and takes flag [p, peer] on its own (1 -> 0, acquire),
-    # so the flags are all 0 again when every rank is through; (3) it reads the rows from every rank's
-    # buffer in rank order (the same bits on every rank), sums them in fp32, and adds + normalizes as
-    # _rms_norm_kernel does. Flags are tokens, not epochs: a CUDA graph replays the kernel as it is.
+    # Every tensor is seen as int32 words of two 16-bit values; a row is N // 2 words. Program p takes rows
+    # p, p + P, ... on every rank.
+    # (1) It pushes this rank's partial rows into every peer's buffer, region RANK. LL (small calls): each
+    #     word goes as one int64 whose high half is the call's epoch, a flag travelling with the data (NCCL's
+    #     "LL" protocol): stores over NVLink are posted and an 8-byte store lands whole, so there is no fence
+    #     and no flag of its own, at twice the bytes. Otherwise the words go as they are, and then one flag
+    #     per program and peer (the epoch, stored with release semantics after the program's stores).
+    # (2) It waits, on its own buffer only, until every peer's rows (LL: every word) carry the epoch, sums
+    #     the ranks' rows in rank order in fp32 (the same bits on every rank), adds the residual and
+    #     normalizes as _rms_norm_kernel does.
+    # The epoch: 1 + this slot's counter (epochs[slot]); program 0 moves the other slot's counter on, which
+    # no program of this call reads and the next call (on the other slot) reads only once this one is done.
+    # Every rank makes the same calls, so the counters agree; each call on a slot awaits a larger epoch than
+    # any word an earlier call left there. The counters live on the device: a CUDA graph replays the kernel
+    # as it is.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     first = pid.to(tl.int64)
     my_rows = tl.cdiv(num_rows - pid, nprog)
-    offs = tl.arange(0, BLOCK_N)
-    mask = offs < N
-    dtype = y_ptr.dtype.element_ty
-    mine = tl.load(buf_ptrs + RANK).to(tl.pointer_type(dtype)) + buf_offset
+    HALF: tl.constexpr = N // 2
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    epoch = tl.load(epochs_ptr + slot) + 1
+    tag = epoch.to(tl.int64) << 32
+    # Each buffer (see fused_buffer_bytes), in region_words R: LL regions int64 [2, WORLD, R], plain regions
+    # int32 [2, WORLD, R], flags int32 [2, MAX_PROGRAMS, WORLD]; LL and plain calls never share a word.
+    ll_at = slot * WORLD * region_words  # int64 words
+    plain_at = 4 * WORLD * region_words + ll_at  # int32 words
+    flags = 6 * WORLD * region_words + (slot * MAX_PROGRAMS + pid) * WORLD  # int32 words
     for i in range(my_rows):
         row = first + i * nprog
-        part = tl.load(x_ptr + row * stride_x + offs, mask=mask)
-        tl.store(mine + row * N + offs, part, mask=mask)
-    tl.debug_barrier()  # every thread's stores happen before the release below
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            pad = tl.load(pad_ptrs + peer).to(tl.pointer_type(tl.int32))
-            spin_cas(pad + pid * WORLD + RANK, 0, 1, "release")
-    own_pad = tl.load(pad_ptrs + RANK).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            spin_cas(own_pad + pid * WORLD + peer, 1, 0, "acquire")
-    tl.debug_barrier()  # the acquire above happens before every thread's peer loads
-    w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+        words = tl.load(x_ptr + row * stride_x + offs, mask=mask)
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                peer_buf = tl.load(buf_ptrs + peer)
+                if LL:
+                    packed = tag | words.to(tl.uint32, bitcast=True).to(tl.int64)
+                    dst = peer_buf.to(tl.pointer_type(tl.int64)) + ll_at + RANK * region_words
+                    tl.store(dst + row * HALF + offs, packed, mask=mask)
+                else:
+                    dst = peer_buf.to(tl.pointer_type(tl.int32)) + plain_at + RANK * region_words
+                    tl.store(dst + row * HALF + offs, words, mask=mask)
+    if not LL:
+        tl.debug_barrier()  # every thread's stores happen before the release below
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                flag = tl.load(buf_ptrs + peer).to(tl.pointer_type(tl.int32)) + flags + RANK
+                tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+    w_lo, w_hi = _halves(tl.load(w_ptr + offs, mask=mask, other=0), DTYPE)
+    own = tl.load(buf_ptrs + RANK)
+    if not LL:
+        own_flags = own.to(tl.pointer_type(tl.int32)) + flags
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                seen = tl.atomic_cas(own_flags + peer, epoch, epoch, sem="acquire", scope="sys")
+                while seen != epoch:
+                    seen = tl.atomic_cas(own_flags + peer, epoch, epoch, sem="acquire", scope="sys")
+        tl.debug_barrier()  # the acquires above happen before every thread's loads
     for i in range(my_rows):
-        row64 = first + i * nprog
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        row = first + i * nprog
+        lo = tl.zeros([BLOCK], dtype=tl.float32)
+        hi = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):
-            src = tl.load(buf_ptrs + r).to(tl.pointer_type(dtype)) + buf_offset
-            total += tl.load(src + row64 * N + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-        x = total.to(dtype).to(tl.float32)
-        x = (x + tl.load(res_ptr + row64 * stride_r + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        tl.store(new_res_ptr + row64 * N + offs, x, mask=mask)
-        x = x.to(tl.float32)
-        h = x * tl.rsqrt(tl.sum(x * x, 0) / N + eps)
-        tl.store(y_ptr + row64 * N + offs, (w * h.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+            if r == RANK:
+                words = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0)
+            elif LL:
+                src = own.to(tl.pointer_type(tl.int64)) + ll_at + r * region_words + row * HALF + offs
+                got = tl.load(src, mask=mask, other=tag, volatile=True)
+                while tl.min(((got >> 32) == epoch).to(tl.int32), 0) == 0:
+                    got = tl.load(src, mask=mask, other=tag, volatile=True)
+                words = got.to(tl.int32)  # the low half: the data
+            else:
+                src = own.to(tl.pointer_type(tl.int32)) + plain_at + r * region_words + row * HALF + offs
+                words = tl.load(src, mask=mask, other=0, volatile=True)
+            a, b = _halves(words, DTYPE)
+            lo += a
+            hi += b
+        r_lo, r_hi = _halves(tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0), DTYPE)
+        lo = (lo.to(DTYPE).to(tl.float32) + r_lo).to(DTYPE).to(tl.float32)  # the sum rounded once, then added
+        hi = (hi.to(DTYPE).to(tl.float32) + r_hi).to(DTYPE).to(tl.float32)
+        tl.store(new_res_ptr + row * HALF + offs, _words(lo, hi, DTYPE), mask=mask)
+        inv = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / N + eps)
+        y_lo = w_lo * (lo * inv).to(DTYPE).to(tl.float32)
+        y_hi = w_hi * (hi * inv).to(DTYPE).to(tl.float32)
+        tl.store(y_ptr + row * HALF + offs, _words(y_lo, y_hi, DTYPE), mask=mask)
+    if pid == 0:
+        tl.store(epochs_ptr + 1 - slot, tl.load(epochs_ptr + 1 - slot) + 1)
+
+
+_PACKED_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+MAX_FUSED_PROGRAMS = 256  # programs of the fused all-reduce (one row each up to this many rows)
+
+
+def fused_buffer_bytes(world: int, region_words: int) -> int:
+    """Bytes of each rank's buffer for all_reduce_add_rms_norm_triton, for rows of up to 4 * region_words
+    bytes: per slot (2) and source rank, a region of `region_words` int64 words (LL calls) and one of
+    `region_words` int32 words (the others); then int32 flags [2, MAX_FUSED_PROGRAMS, world]."""
+    return 2 * world * region_words * (8 + 4) + 2 * MAX_FUSED_PROGRAMS * world * 4
+
+
+def can_fuse_all_reduce(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether all_reduce_add_rms_norm_triton takes these: 16-bit [T, N] rows, N even, rows (and the
+    residual's) 4-byte aligned, so each row is N // 2 whole int32 words."""
+    return (x.dim() == 2 and x.dtype in _PACKED_DTYPES and residual.shape == x.shape and residual.dtype == x.dtype
+            and x.shape[1] % 2 == 0 and all(t.stride(-1) == 1 and t.stride(0) % 2 == 0 and t.storage_offset() % 2 == 0
+                                            for t in (x, residual)))
 
 
 def all_reduce_add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, buffer_ptrs: torch.Tensor,
-    pad_ptrs: torch.Tensor, buffer_offset: int, rank: int, num_programs: int,
+    epochs: torch.Tensor, slot: int, region_words: int, rank: int, num_programs: int, ll: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(sum over ranks of x + residual), sum + residual) on every rank, in one launch.
 
-    `buffer_ptrs` / `pad_ptrs`: int64 [world] on x's device, the address of every rank's buffer and signal
-    pad (int32, at least `num_programs * world` flags, all 0 between calls), in rank order; this call uses
-    each buffer from element `buffer_offset` on, for x's rows packed. Every rank of the group must make the
-    same call (same shapes, offset and `num_programs`), and two calls in a row on one stream must not use
-    the same buffer region (a peer may still be reading the previous one).
+    `buffer_ptrs`: int64 [world] on x's device, the address of every rank's peer-mapped buffer, in rank order,
+    laid out as `fused_buffer_bytes` says, zeroed before the first call; this call uses slot `slot` (0 or 1).
+    `epochs`: int32 [2] on x's device, this rank's counter per slot, zeroed with the buffer. `ll`: rows pushed
+    with their flags in every 8-byte word (less latency; twice the bytes), or followed by one flag per
+    program. Every rank must make the same calls (same shapes, slots, `num_programs`, `ll`), and two calls in
+    a row must not use the same slot (a peer may push the next call's rows while this rank still reads the
+    previous ones).
     """
-    assert x.dim() == 2 and residual.shape == x.shape, "x, residual: [T, N]"
-    assert x.stride(-1) == 1 and residual.stride(-1) == 1, "x, residual: last dim innermost"
-    assert x.dtype == residual.dtype == weight.dtype, "x, residual, weight: one dtype"
+    assert can_fuse_all_reduce(x, residual), "x, residual: 16-bit [T, N], N even, rows of whole 4-byte words"
     n = x.shape[1]
-    assert weight.shape == (n,) and weight.is_contiguous(), "weight: [N]"
+    assert weight.shape == (n,) and weight.is_contiguous() and weight.dtype == x.dtype, "weight: [N], x.dtype"
     world = buffer_ptrs.numel()
-    assert pad_ptrs.numel() == world and 0 <= rank < world, "one buffer and one pad per rank"
-    assert buffer_ptrs.dtype == pad_ptrs.dtype == torch.int64, "addresses: int64"
+    assert buffer_ptrs.dtype == torch.int64 and 0 <= rank < world, "addresses: int64 [world]"
+    assert x.shape[0] * n // 2 <= region_words, "x does not fit a region"
+    assert epochs.dtype == torch.int32 and epochs.shape == (2,) and slot in (0, 1), "a counter per slot"
+    assert num_programs <= MAX_FUSED_PROGRAMS, f"at most {MAX_FUSED_PROGRAMS} programs (one flag each per slot)"
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(y)
-    block = triton.next_power_of_2(n)
+    words = [t.view(torch.int32) for t in (x, residual, weight, y, new_res)]
+    block = triton.next_power_of_2(n // 2)
     _all_reduce_add_rms_norm_kernel[(max(1, min(num_programs, x.shape[0])),)](
-        x, residual, weight, y, new_res, buffer_ptrs, pad_ptrs, buffer_offset, x.shape[0], x.stride(0),
-        residual.stride(0), eps, RANK=rank, WORLD=world, N=n, BLOCK_N=block,
-        num_warps=min(16, max(1, block // 512)),
+        *words, buffer_ptrs, epochs, slot, region_words, x.shape[0], words[0].stride(0), words[1].stride(0), eps,
+        RANK=rank, WORLD=world, N=n, BLOCK=block, DTYPE=_PACKED_DTYPES[x.dtype], LL=ll, MAX_PROGRAMS=MAX_FUSED_PROGRAMS,
+        num_warps=min(16, max(1, block // 256)),
     )
     return y, new_res

@@ -16,6 +16,7 @@ from pdserve.kernels.block_copy import (
     scatter_blocks_ref,
     scatter_blocks_triton,
 )
+from pdserve.kernels.gemm import linear
 from pdserve.kernels.kv_store import store_kv_ref, store_kv_triton
 from pdserve.kernels.norm import (
     fused_add_rms_norm_ref,
@@ -47,6 +48,6 @@ gather_blocks_into = _by_device(gather_blocks_into_triton, gather_blocks_into_re
 scatter_blocks = _by_device(scatter_blocks_triton, scatter_blocks_ref)
 
 __all__ = [
-    "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "paged_decode_attention",
+    "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "paged_decode_attention",
     "paged_prefill_attention", "rms_norm", "rope", "scatter_blocks", "silu_and_mul", "store_kv",
 ]

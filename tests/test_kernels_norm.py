@@ -69,49 +69,87 @@ def test_all_reduce_ref_is_the_sum_then_the_fused_norm():
     assert torch.equal(y, want[0]) and torch.equal(new_res, want[1])
 
 
-def one_rank_of(world: int, rank: int, rows: int, n: int, programs: int, dtype, device):
-    """Run the fused all-reduce kernel as rank `rank` of `world` with the other ranks already through
-    their half (partials in their buffers, their flags set on this rank's pad), so it runs alone."""
-    offset = 8  # elements: the call's region starts past the buffer's head
+def ll_words(rows: torch.Tensor, epoch: int) -> torch.Tensor:
+    """16-bit rows as the fused kernel pushes them in LL calls: int64 words, two elements low, the epoch high."""
+    data = rows.contiguous().view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF
+    return data | (epoch << 32)
+
+
+class FusedBuffer:
+    """One rank's buffer for the fused all-reduce, with views of its parts (norm.fused_buffer_bytes)."""
+
+    def __init__(self, world: int, region: int, fill: int, device):
+        self.words = torch.full((norm.fused_buffer_bytes(world, region) // 8,), fill, dtype=torch.int64,
+                                device=device)
+        n32 = self.words.view(torch.int32)
+        self.ll = self.words[:2 * world * region].view(2, world, region)
+        self.plain = n32[4 * world * region:6 * world * region].view(2, world, region)
+        self.flags = n32[6 * world * region:].view(2, norm.MAX_FUSED_PROGRAMS, world)
+
+
+def one_rank_of(world, rank, rows, n, programs, dtype, device, epoch, slot, ll):
+    """Run the fused all-reduce kernel as rank `rank` of `world` with the other ranks already through their
+    half (their rows, LL-tagged or plain + flags, in this rank's buffer with the epoch it awaits), so it
+    runs alone. Every other word holds the previous epoch."""
+    region = rows * n // 2 + 4
     parts = [torch.randn(rows, n, dtype=dtype, device=device) for _ in range(world)]
     x_wide = torch.randn(rows, 2 * n, dtype=dtype, device=device)
     x_wide[:, :n] = parts[rank]
     x = x_wide[:, :n]  # strided, as a slice of a wider output would be
     res = torch.randn(rows, n, dtype=dtype, device=device)
     w = torch.randn(n, dtype=dtype, device=device)
-    buffers = [torch.full((offset + rows * n,), float("nan"), dtype=dtype, device=device) for _ in range(world)]
-    pads = [torch.zeros(programs * world, dtype=torch.int32, device=device) for _ in range(world)]
-    used = min(programs, rows)
+    stale = (epoch - 1) << 32 | (epoch - 1)  # as LL words and as flags: the previous epoch
+    buffers = [FusedBuffer(world, region, stale, device) for _ in range(world)]
+    own = buffers[rank]
     for r in range(world):
-        if r != rank:
-            buffers[r][offset:] = parts[r].flatten()
-            pads[rank].view(programs, world)[:used, r] = 1  # rank r's programs have arrived
-    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=device)
-    pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=device)
+        if r != rank and ll:
+            own.ll[slot, r, :rows * n // 2] = ll_words(parts[r], epoch)
+        elif r != rank:
+            own.plain[slot, r, :rows * n // 2] = parts[r].view(torch.int32).flatten()
+            own.flags[slot, :min(programs, rows), r] = epoch
+    epochs = torch.tensor([epoch - 1, 7] if slot == 0 else [7, epoch - 1], dtype=torch.int32, device=device)
+    ptrs = torch.tensor([b.words.data_ptr() for b in buffers], dtype=torch.int64, device=device)
     y, new_res = norm.all_reduce_add_rms_norm_triton(
-        x, res, w, 1e-6, buffer_ptrs=ptrs, pad_ptrs=pad_ptrs, buffer_offset=offset, rank=rank, num_programs=programs)
-    return parts, res, w, buffers, pads, y, new_res, offset, used
+        x, res, w, 1e-6, buffer_ptrs=ptrs, epochs=epochs, slot=slot, region_words=region, rank=rank,
+        num_programs=programs, ll=ll)
+    return parts, res, w, buffers, epochs, y, new_res, stale
 
 
 @runs_triton
-@pytest.mark.parametrize("world,rank,rows,programs", [(2, 0, 5, 8), (2, 1, 6, 4), (4, 2, 3, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_reduce_add_rms_norm_one_rank(world, rank, rows, programs, dtype):
-    parts, res, w, buffers, pads, y, new_res, offset, used = one_rank_of(world, rank, rows, 48, programs, dtype,
-                                                                        DEVICE)
+@pytest.mark.parametrize("world,rank,rows,programs,slot", [(2, 0, 5, 8, 0), (2, 1, 6, 4, 1), (4, 2, 3, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ll", [True, False])
+def test_all_reduce_add_rms_norm_one_rank(world, rank, rows, programs, slot, dtype, ll):
+    epoch, n = 3, 48
+    parts, res, w, buffers, epochs, y, new_res, stale = one_rank_of(
+        world, rank, rows, n, programs, dtype, DEVICE, epoch, slot, ll)
     want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-6)
-    # bf16 on the interpreter: its fp32 -> bf16 casts truncate where the reference rounds, twice before
-    # the norm (the sum, then the residual add), which |weight| amplifies: up to a few bf16 ulps of y.
-    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2 if DEVICE == "cpu" else 1.6e-2}[dtype]
+    # on the interpreter its fp32 -> 16-bit casts truncate where the reference rounds, twice before the norm
+    # (the sum, then the residual add), which |weight| amplifies: up to a few ulps of y.
+    tol = 4e-2 if DEVICE == "cpu" else 1.6e-2
     torch.testing.assert_close(y, want_y, atol=tol, rtol=tol)
-    # the interpreter truncates fp32 -> bf16 where the GPU rounds: up to one bf16 ulp per rounding
-    res_tol = 2**-6 if DEVICE == "cpu" and dtype == torch.bfloat16 else 0.0
+    res_tol = 2**-6 if DEVICE == "cpu" else 0.0  # one ulp per rounding on the interpreter; exact on a GPU
     torch.testing.assert_close(new_res, want_res, atol=res_tol, rtol=res_tol)
-    assert torch.equal(buffers[rank][offset:], parts[rank].flatten())  # its partial, for the peers to read
-    assert torch.isnan(buffers[rank][:offset].float()).all()  # nothing before the region
-    assert not pads[rank].any()  # every flag it was given taken back
+    words, used = rows * n // 2, min(programs, rows)
     for r in range(world):
-        if r != rank:  # one flag set on each peer's pad, one per program, in this rank's column
-            want = torch.zeros(programs, world, dtype=torch.int32, device=DEVICE)
-            want[:used, rank] = 1
-            assert torch.equal(pads[r].view(programs, world), want)
+        if r == rank:
+            continue
+        # this rank's rows pushed into region `rank` of every peer's buffer, and nothing else touched
+        peer, want = buffers[r], FusedBuffer(world, words + 4, stale, DEVICE)
+        if ll:
+            want.ll[slot, rank, :words] = ll_words(parts[rank], epoch)
+        else:
+            want.plain[slot, rank, :words] = parts[rank].view(torch.int32).flatten()
+            want.flags[slot, :used, rank] = epoch  # one flag per program that ran, after its rows
+        assert torch.equal(peer.words, want.words)
+    # this slot's counter left for the next call on it to read; the other slot's moved on
+    assert epochs.tolist() == ([epoch - 1, 8] if slot == 0 else [8, epoch - 1])
+
+
+def test_can_fuse_all_reduce_needs_whole_16_bit_words():
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert norm.can_fuse_all_reduce(x, x)
+    assert not norm.can_fuse_all_reduce(x.float(), x.float())  # 32-bit: the unfused path
+    assert not norm.can_fuse_all_reduce(x[:, :7], x[:, :7])  # odd row length
+    odd = torch.zeros(4, 9, dtype=torch.bfloat16)[:, 1:]  # rows start mid-word
+    assert not norm.can_fuse_all_reduce(odd, odd)

@@ -71,7 +71,7 @@ def _fused_rank(rank: int, port: int) -> None:
                             device_id=device)
     sym = SymmetricAllReduce(dist.group.WORLD, device)
     for rows, n, dtype in [(1, 4096, torch.bfloat16), (64, 4096, torch.bfloat16), (300, 2048, torch.bfloat16),
-                           (7, 96, torch.float32)]:
+                           (7, 96, torch.float16)]:
         def make(seed, *shape, dtype=dtype):
             gen = torch.Generator(device="cuda").manual_seed(seed)
             return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
@@ -82,7 +82,7 @@ def _fused_rank(rank: int, port: int) -> None:
         for (parts, res, w), (y, new_res) in zip(calls, eager):
             want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-5)
             assert torch.equal(new_res, want_res), (rows, n, dtype)
-            tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
+            tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
             torch.testing.assert_close(y, want_y, atol=tol, rtol=tol)
             both = torch.empty(2, *y.shape, dtype=dtype, device=device)
             dist.all_gather_into_tensor(both, y)

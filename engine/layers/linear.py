@@ -6,11 +6,11 @@ split the input features and all-reduce their partial sums.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.layers.loading import copy_into, full, narrow
 from pdserve.engine.parallel import TPGroup, kv_head_range, q_head_range
+from pdserve.kernels import ops
 
 
 class _Linear(nn.Module):
@@ -33,7 +33,7 @@ class ColumnParallelLinear(_Linear):
         copy_into(param, narrow(loaded, 0, start, param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -102,7 +102,7 @@ class RowParallelLinear(_Linear):
         copy_into(param, narrow(loaded, 1, self.input_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = ops.linear(x, self.weight)
         if not self.reduce_results:
             return y  # partial sums
         y = self.tp.all_reduce(y)

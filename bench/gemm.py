@@ -1,0 +1,113 @@
+"""Decode GEMMs: cuBLAS against the skinny kernel (kernels/gemm.py), in CUDA graphs, per weight shape.
+
+    python -m pdserve.bench.gemm [--shapes tp1,tp2] [--out DIR]
+
+The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
+Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2;
+the best one is then timed at 1 and 16 rows too. A shape earns a SKINNY_CONFIGS entry (printed last) when
+its best config beats cuBLAS at every row count; bytes moved = the weight, read once.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.kernels import gemm
+
+SHAPES = {
+    "tp1": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "tp2": {"qkv": (3072, 4096), "o": (4096, 2048), "gate_up": (14336, 4096), "down": (4096, 7168)},
+}
+CANDIDATES = [gemm.SkinnyConfig(bn, 128, split, 4, stages)
+              for bn, split, stages in itertools.product((16, 32, 64, 128), (1, 2, 4), (4, 6))]
+
+
+def graph_us(fns, reps: int = 10) -> float:
+    """Median µs per call of `fns` (one call per weight copy), replayed from a graph of 4 rounds."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(4):
+            for f in fns:
+                f()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (4 * len(fns)))
+    return statistics.median(times)
+
+
+def measure(name: str, n: int, k: int) -> dict:
+    copies = max(2, int(600e6 // (n * k * 2)))
+    weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5 for _ in range(copies)]
+    gbytes = n * k * 2 / 1e9
+    xs = {m: torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for m in (1, 16, 64)}
+    cublas = {m: graph_us([lambda w=w, x=x: F.linear(x, w) for w in weights]) for m, x in xs.items()}
+    want = F.linear(xs[64].float(), weights[0].float())
+    timed = []
+    for config in CANDIDATES:
+        y = gemm.skinny_linear_triton(xs[64], weights[0], config)
+        if not torch.allclose(y.float(), want, atol=3e-2, rtol=3e-2):
+            raise RuntimeError(f"{name} {config}: wrong result")
+        timed.append((graph_us([lambda w=w, c=config: gemm.skinny_linear_triton(xs[64], w, c) for w in weights]),
+                      config))
+    best = min(timed, key=lambda t: t[0])[1]
+    skinny = {m: graph_us([lambda w=w, x=x: gemm.skinny_linear_triton(x, w, best) for w in weights])
+              for m, x in xs.items()}
+    del weights
+    torch.cuda.empty_cache()
+    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": all(skinny[m] < cublas[m] for m in xs),
+            **{f"cublas_us_{m}": cublas[m] for m in xs}, **{f"skinny_us_{m}": skinny[m] for m in xs},
+            "cublas_TBps_64": gbytes / cublas[64] * 1e3, "skinny_TBps_64": gbytes / skinny[64] * 1e3}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="tp1,tp2", help="groups of SHAPES to time")
+    ap.add_argument("--out", default=None, help="folder for gemm.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("pdserve.bench.gemm needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    print(f"{'shape':>12} {'N':>6} {'K':>6}  µs at 1/16/64 rows: cuBLAS | skinny (best config)   TB/s at 64")
+    for group in args.shapes.split(","):
+        for name, (n, k) in SHAPES[group].items():
+            r = measure(f"{group} {name}", n, k)
+            rows.append(r)
+            c = r["config"]
+            print(f"{r['shape']:>12} {n:>6} {k:>6}  "
+                  f"{r['cublas_us_1']:.1f}/{r['cublas_us_16']:.1f}/{r['cublas_us_64']:.1f}"
+                  f" | {r['skinny_us_1']:.1f}/{r['skinny_us_16']:.1f}/{r['skinny_us_64']:.1f} "
+                  f"(BN{c['block_n']} BK{c['block_k']} split{c['split']} s{c['num_stages']})   "
+                  f"{r['cublas_TBps_64']:.2f} | {r['skinny_TBps_64']:.2f}{'  <- wins' if r['wins'] else ''}",
+                  flush=True)
+    cap = torch.cuda.get_device_capability()
+    print(f"\nSKINNY_CONFIGS entries for {torch.cuda.get_device_name()} (capability {cap}):")
+    for r in rows:
+        if r["wins"]:
+            c = r["config"]
+            print(f"    ({cap}, {r['n']}, {r['k']}): SkinnyConfig({c['block_n']}, {c['block_k']}, {c['split']}, "
+                  f"{c['num_warps']}, {c['num_stages']}),")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "gemm.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
+                                                          indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
