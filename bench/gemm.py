@@ -5,7 +5,7 @@
 The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
 Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2;
 the best one is then timed at 1 and 16 rows too. A shape earns a SKINNY_CONFIGS entry (printed last) when
-its best config beats cuBLAS at every row count; bytes moved = the weight, read once.
+its best config beats cuBLAS at every row count, by 3% at 64; bytes moved = the weight, read once.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from pdserve.kernels import gemm
 
@@ -59,7 +60,10 @@ def measure(name: str, n: int, k: int) -> dict:
     want = F.linear(xs[64].float(), weights[0].float())
     timed = []
     for config in CANDIDATES:
-        y = gemm.skinny_linear_triton(xs[64], weights[0], config)
+        try:
+            y = gemm.skinny_linear_triton(xs[64], weights[0], config)
+        except OutOfResources:  # too many stages of too large blocks for shared memory
+            continue
         if not torch.allclose(y.float(), want, atol=3e-2, rtol=3e-2):
             raise RuntimeError(f"{name} {config}: wrong result")
         timed.append((graph_us([lambda w=w, c=config: gemm.skinny_linear_triton(xs[64], w, c) for w in weights]),
@@ -69,7 +73,7 @@ def measure(name: str, n: int, k: int) -> dict:
               for m, x in xs.items()}
     del weights
     torch.cuda.empty_cache()
-    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": all(skinny[m] < cublas[m] for m in xs),
+    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": all(skinny[m] < cublas[m] for m in xs) and skinny[64] < 0.97 * cublas[64],
             **{f"cublas_us_{m}": cublas[m] for m in xs}, **{f"skinny_us_{m}": skinny[m] for m in xs},
             "cublas_TBps_64": gbytes / cublas[64] * 1e3, "skinny_TBps_64": gbytes / skinny[64] * 1e3}
 
