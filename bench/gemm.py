@@ -73,7 +73,8 @@ def measure(name: str, n: int, k: int) -> dict:
               for m, x in xs.items()}
     del weights
     torch.cuda.empty_cache()
-    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": all(skinny[m] < cublas[m] for m in xs) and skinny[64] < 0.97 * cublas[64],
+    wins = all(skinny[m] < cublas[m] for m in xs) and skinny[64] < 0.97 * cublas[64]
+    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": wins,
             **{f"cublas_us_{m}": cublas[m] for m in xs}, **{f"skinny_us_{m}": skinny[m] for m in xs},
             "cublas_TBps_64": gbytes / cublas[64] * 1e3, "skinny_TBps_64": gbytes / skinny[64] * 1e3}
 
