@@ -86,20 +86,18 @@ def _skinny_gemm_kernel(
 
 
 class _Workspace:
-    """fp32 partials and per-tile counters (zero between calls), grown on demand, one per device. A CUDA
-    graph captures their addresses, so they are only ever grown before capture (warm-up runs every shape)."""
+    """fp32 partials and per-tile counters (zero between calls), one pair per (device, sizes) and kept for
+    good: a CUDA graph that captured a call keeps using their addresses."""
 
     def __init__(self):
-        self.parts: dict[torch.device, torch.Tensor] = {}
-        self.counts: dict[torch.device, torch.Tensor] = {}
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, device: torch.device, part_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part, count = self.parts.get(device), self.counts.get(device)
-        if part is None or part.numel() < part_elems:
-            part = self.parts[device] = torch.empty(part_elems, dtype=torch.float32, device=device)
-        if count is None or count.numel() < tiles:
-            count = self.counts[device] = torch.zeros(tiles, dtype=torch.int32, device=device)
-        return part, count
+        key = (device, part_elems, tiles)
+        if key not in self.buffers:
+            self.buffers[key] = (torch.empty(part_elems, dtype=torch.float32, device=device),
+                                 torch.zeros(tiles, dtype=torch.int32, device=device))
+        return self.buffers[key]
 
 
 _WORKSPACE = _Workspace()
