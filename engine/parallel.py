@@ -46,9 +46,9 @@ class SymmetricAllReduce:
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank, same order
         # The fused all-reduce + add + RMSNorm (`add_rms_norm`): its own allocation, two slots that consecutive
-        # calls alternate between, each a region per source rank of max_bytes of rows pushed as 8-byte words
-        # (4 bytes of data + an epoch), zeroed (a word left over must carry no epoch a call awaits) before any
-        # rank pushes into it; and each slot's epoch counter.
+        # calls alternate between, each with a region per source rank for rows of up to max_bytes (as LL words
+        # and as plain rows, norm.fused_buffer_bytes), zeroed (a word or flag left over must carry no epoch a
+        # call awaits) before any rank pushes into it; and each slot's epoch counter.
         self.region_words = max_bytes // 4
         world = group.size()
         self.fused, handle, self.buffer_ptrs, _ = self._peer_table(
@@ -91,7 +91,7 @@ class SymmetricAllReduce:
                                                   .repeat_interleave(3).expand(2, -1).float())
             ones = torch.ones(3, 64, device=device, dtype=torch.bfloat16)
             zeros = torch.zeros_like(ones)
-            for slot in (0, 1, 0, 1):  # twice round each slot's next epoch; sum of ones = group size, normalized: ones
+            for slot in (0, 1, 0, 1):  # each slot's next epoch too; sum of ones = group size, normalized: ones
                 y, total = symmetric.add_rms_norm(ones, zeros, ones[0], 0.0, slot)
                 works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
         except RuntimeError as e:
