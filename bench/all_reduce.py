@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pdserve.bench import kernels as kernel_bench
 from pdserve.cluster.tp_gang import NCCL_ENV
 from pdserve.engine.parallel import SymmetricAllReduce, TPGroup
 from pdserve.kernels import norm
@@ -55,22 +55,9 @@ def eager_us(fn, iters: int = 200) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
-def graph_us(fn, reset, replays: int = 20) -> float:
+def graph_us(fn, reset) -> float:
     """Median per-op time of a graph of PER_GRAPH calls; `reset` restores the inputs between replays."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(PER_GRAPH):
-            fn()
-    times = []
-    for _ in range(replays):
-        reset()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / PER_GRAPH)
-    return statistics.median(times)
+    return kernel_bench.graph_us(lambda: [fn() for _ in range(PER_GRAPH)], PER_GRAPH, reset=reset)
 
 
 def measure_size(sym: SymmetricAllReduce, nbytes: int, rank: int) -> dict:

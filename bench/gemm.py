@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
+from pdserve.bench import kernels as kernel_bench
 from pdserve.kernels import gemm
 
 SHAPES = {
@@ -30,25 +30,12 @@ CANDIDATES = [gemm.SkinnyConfig(bn, 128, split, 4, stages)
               for bn, split, stages in itertools.product((16, 32, 64, 128), (1, 2, 4), (4, 6))]
 
 
-def graph_us(fns, reps: int = 10) -> float:
+def graph_us(fns) -> float:
     """Median µs per call of `fns` (one call per weight copy), replayed from a graph of 4 rounds."""
     for f in fns:
         f()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            for f in fns:
-                f()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (4 * len(fns)))
-    return statistics.median(times)
+    return kernel_bench.graph_us(lambda: [f() for _ in range(4) for f in fns], 4 * len(fns), replays=10)
 
 
 def measure(name: str, n: int, k: int) -> dict:

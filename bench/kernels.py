@@ -10,6 +10,7 @@ Times are `triton.testing.do_bench` medians (it flushes L2 between runs). --swee
 import argparse
 import itertools
 import json
+import statistics
 import sys
 
 import torch
@@ -27,6 +28,25 @@ MAX_KV_BYTES = 24 << 30  # skip decode shapes whose paged K/V (plus its contiguo
 def ms(fn, *args, **kwargs) -> float:
     """Median milliseconds of fn(*args, **kwargs)."""
     return do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median")
+
+
+def graph_us(body, calls: int, replays: int = 20, reset=None) -> float:
+    """Median µs per op of `body` (which makes `calls` ops) captured once into a CUDA graph and replayed;
+    `reset`, if given, restores the inputs before each replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    times = []
+    for _ in range(replays):
+        if reset is not None:
+            reset()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def ceilings() -> dict:

@@ -56,7 +56,6 @@ class SymmetricAllReduce:
         self.fused.zero_()
         self.epochs = torch.zeros(2, dtype=torch.int32, device=device)
         self.rank = handle.rank
-        self.num_programs = norm.MAX_FUSED_PROGRAMS
         self.ll_max_bytes = LL_MAX_BYTES
         dist.all_reduce(torch.zeros(1, device=device), group=group)  # every rank's buffer zeroed before a push
         # The gather onto rank 0 (`gather_to_first`): a third allocation, its pad's "done" tokens given.
@@ -134,7 +133,7 @@ class SymmetricAllReduce:
         """
         return norm.all_reduce_add_rms_norm_triton(
             x, residual, weight, eps, buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
-            region_words=self.region_words, rank=self.rank, num_programs=self.num_programs,
+            region_words=self.region_words, rank=self.rank, num_programs=norm.MAX_FUSED_PROGRAMS,
             ll=x.nbytes <= self.ll_max_bytes)
 
 
