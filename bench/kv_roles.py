@@ -7,6 +7,7 @@ scatter done, on one monotonic clock (CLOCK_MONOTONIC is shared by every process
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 import time
@@ -57,7 +58,7 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
     bufs: dict[int, torch.Tensor] = {}
     receivers: dict[TransportKind, KVReceiver] = {}
     stages.enter("waiting for the sender", 4 * args.stage_timeout)
-    last = None
+    last, profiler = None, None
     while (msg := stages.recv(pipe)) is not None:
         stages.enter(msg["stage"], msg["timeout_s"], quiet=msg["stage"] == last)  # logged once per stage
         last = msg["stage"]
@@ -72,6 +73,9 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
             receivers = {TransportKind(k): KVReceiver(layout, cache, lambda ids: None, TransportKind(k),
                                                       config=config) for k in msg["kinds"]}
             pipe.send({k: r.endpoint for k, r in receivers.items()})
+        elif msg["op"] == "profile":  # the sender's --profile: around its traced transfers
+            profiler = _profile(profiler, msg["start"], args.out / f"kv_profile_receiver_{msg['tokens']}.json")
+            pipe.send("ready")
         elif msg["op"] == "baseline":
             nbytes = msg["nbytes"]
             buf = bufs.setdefault(nbytes, torch.empty(nbytes, dtype=torch.uint8, device=device))
@@ -96,6 +100,23 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
         r.close()
     if device.type == "cuda":
         group.abort()
+
+
+def _profile(profiler, start: bool, path):
+    """--profile: start a torch profiler (host calls of every thread, CUDA API calls and kernels), or stop the
+    running one and write its Chrome trace to `path`; returns the running profiler or None."""
+    if start:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(
+            activities=activities, experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
+        profiler.start()
+        return profiler
+    profiler.stop()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(path))
+    return None
 
 
 def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False,
@@ -180,7 +201,7 @@ class SenderRun:
         """One row per size with this staging configuration; `report(row)` as soon as each is measured."""
         args, stages = self.args, self.stages
         stages.enter(f"configuring staging {staging}", 2 * args.stage_timeout)
-        endpoints = self.peer.ask("configure", staging=(staging.buffers, staging.mib, staging.taper_mib, staging.spin),
+        endpoints = self.peer.ask("configure", staging=dataclasses.astuple(staging),
                                   kinds=[k.value for k in kinds])
         sender = KVSender(self.layout, self.cache, lambda ids: None, config=staging.config(args.stage_timeout))
         runs = [(TransportKind.TORCH, args.warmup, args.iters, args.stage_timeout),
@@ -226,11 +247,17 @@ class SenderRun:
         """`--iters` more transfers, traced on both sides; the timeline of the median one (kv_timeline)."""
         stages, iters = self.stages, self.args.iters
         stages.enter(f"torch {row['tokens']} tokens, {iters} traced transfers", self.args.stage_timeout)
-        runs = []
+        runs, profile = [], self.args.profile and self.args.out is not None
+        if profile:
+            self.peer.ask_ready("profile", start=True, tokens=row["tokens"])
+            profiler = _profile(None, True, None)
         for _ in range(iters):
             self.tid += 1
             runs.append(timed_kv(self.peer, sender, dest, self.cache, TransportKind.TORCH, self.tid,
-                                 row["blocks"], False, trace=True))
+                                 row["blocks"], False, trace=self.args.trace))
+        if profile:
+            _profile(profiler, False, self.args.out / f"kv_profile_sender_{row['tokens']}.json")
+            self.peer.ask_ready("profile", start=False, tokens=row["tokens"])
         runs.sort(key=lambda run: run[0])
         seconds, marks = runs[len(runs) // 2]
         t = kv_timeline.analyse(marks["send"], marks["recv"], marks["origin_ns"],

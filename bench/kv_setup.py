@@ -31,29 +31,36 @@ TINY = Shape(num_layers=4, num_kv_heads=2, head_dim=32, block_size=16, dtype="bf
 @dataclass(frozen=True)
 class Staging:
     """One staging configuration: buffers x MiB, first/last messages tapered down to taper_mib (0: off);
-    spin: the receiver spins for headers (TransferConfig.spin_for_header)."""
+    spin: the receiver spins for headers (TransferConfig.spin_for_header); copy_sm_fraction: of the SMs the
+    gathers and scatters run on (TransferConfig.copy_sm_fraction)."""
 
     buffers: int
     mib: int
     taper_mib: float
     spin: bool = False
+    copy_sm_fraction: float = TransferConfig.copy_sm_fraction
 
     @classmethod
-    def parse(cls, text: str, default_taper_mib: float, default_spin: bool = False) -> Staging:
-        """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8+spin' or '4x256+block'."""
+    def parse(cls, text: str, default: Staging) -> Staging:
+        """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8@0.5' (copies on half the SMs),
+        '4x256/8+spin' or '4x256+block'; what is not said is `default`'s."""
         text, _, wait = text.partition("+")
+        text, _, fraction = text.partition("@")
         size, _, taper = text.partition("/")
         buffers, _, mib = size.partition("x")
-        spin = {"spin": True, "block": False, "": default_spin}[wait]
-        return cls(int(buffers), int(mib), float(taper) if taper else default_taper_mib, spin)
+        spin = {"spin": True, "block": False, "": default.spin}[wait]
+        return cls(int(buffers), int(mib), float(taper) if taper else default.taper_mib, spin,
+                   float(fraction) if fraction else default.copy_sm_fraction)
 
     def __str__(self) -> str:
-        return f"{self.buffers}x{self.mib}/{self.taper_mib:g}" + ("+spin" if self.spin else "+block")
+        return (f"{self.buffers}x{self.mib}/{self.taper_mib:g}@{self.copy_sm_fraction:g}"
+                + ("+spin" if self.spin else "+block"))
 
     def config(self, stage_timeout: float) -> TransferConfig:
         return TransferConfig(timeout_s=stage_timeout, connect_timeout_s=stage_timeout, idle_timeout_s=600,
                               staging_buffers=self.buffers, staging_bytes=self.mib << 20,
-                              taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin)
+                              taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin,
+                              copy_sm_fraction=self.copy_sm_fraction)
 
 
 def make_cache(args, rank: int, device: torch.device) -> tuple[torch.Tensor, KVLayout]:

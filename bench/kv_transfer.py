@@ -62,15 +62,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="main table: the receiver spins for each header (or, with --no-spin-for-header, sleeps "
                         "until it lands) (TransferConfig.spin_for_header; a sweep entry says it with a '+spin' "
                         "or '+block' suffix)")
+    p.add_argument("--copy-sm-fraction", type=float, default=defaults.copy_sm_fraction,
+                   help="main table: gathers and scatters run on this fraction of the SMs "
+                        "(TransferConfig.copy_sm_fraction; a sweep entry says it after an '@')")
     p.add_argument("--prefill-lead-ms", type=float, default=2.0,
                    help="also time transfers started this long before their KV is ready (as a prefill worker "
                         "starts one when the prefill begins), from save_kv to the receiver's end: the "
                         "'from ready' columns (0: skip)")
-    p.add_argument("--trace", action="store_true",
+    p.add_argument("--trace", nargs="?", const=True, default=False, choices=[True, "host"],
                    help="main table: after each size's timed transfers, --iters more traced on both sides "
                         "(TransferConfig.trace); print the median one's timeline, stage by stage, and where "
-                        "its time went (also in the JSON)")
-    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="BxMIB[/TAPER][+spin|+block],...",
+                        "its time went (also in the JSON). '--trace host': host stamps only (no CUDA events: "
+                        "cheaper, no device times)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --trace and --out: the traced transfers also run under torch's profiler on both "
+                        "sides (every thread's host calls, CUDA API calls, kernels); Chrome traces "
+                        "kv_profile_{sender,receiver}_TOKENS.json in --out")
+    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None,
+                   metavar="BxMIB[/TAPER][@SMS][+spin|+block],...",
                    help=f"then time these staging configurations, NCCL only (default {DEFAULT_SWEEP}; cpu: "
                         f"2x1/0,4x1/0.0625)")
     p.add_argument("--sweep-sizes", type=_ints, default=None, help="token counts of the sweep (4096,16384; "
@@ -87,11 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sizes = args.sizes or ([256, 1024] if cpu else [1024, 4096, 16384])
     staging_mib = args.staging_mib or (1 if cpu else defaults.staging_bytes >> 20)
     taper_mib = args.taper_mib if args.taper_mib is not None else (0 if cpu else defaults.taper_bytes >> 20)
-    args.staging = Staging(args.staging_buffers, staging_mib, taper_mib, args.spin_for_header)
+    args.staging = Staging(args.staging_buffers, staging_mib, taper_mib, args.spin_for_header,
+                           args.copy_sm_fraction)
     if cpu and args.sweep == DEFAULT_SWEEP:
         args.sweep = "2x1/0,4x1/0.0625"
     sweep = args.sweep.split(",") if args.sweep else []
-    args.sweep = [Staging.parse(s, taper_mib, args.spin_for_header) for s in sweep]
+    args.sweep = [Staging.parse(s, args.staging) for s in sweep]
     args.sweep_sizes = args.sweep_sizes or ([1024] if cpu else [4096, 16384])
     args.all_sizes = sorted(set(args.sizes) | (set(args.sweep_sizes) if args.sweep else set()))
     return args
@@ -111,8 +121,8 @@ class Report:
         self.args, self.rows, self.sweep, self.probes = args, [], [], {}
         self.backend = "nccl" if args.device == "cuda" else "gloo"
         print(f"KV transfer, {args.shape}, staging {args.staging_buffers} x {args.staging.mib} MiB, "
-              f"taper {args.staging.taper_mib:g} MiB, header wait {'spin' if args.staging.spin else 'block'}",
-              flush=True)
+              f"taper {args.staging.taper_mib:g} MiB, header wait {'spin' if args.staging.spin else 'block'}, "
+              f"copies on {args.staging.copy_sm_fraction:g} of the SMs", flush=True)
         print(f"{'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} {'ratio':>6} "
               f"{'from ready':>11} {'ratio':>6} {'grpc GB/s':>10}", flush=True)
 
@@ -131,8 +141,8 @@ class Report:
             print(describe(role, probe), flush=True)
 
     def sweep_header(self) -> None:
-        print("sweep: staging BUFFERS x MiB / taper MiB [+spin|+block: receiver spins or sleeps for headers]",
-              flush=True)
+        print("sweep: staging BUFFERS x MiB / taper MiB @ fraction of the SMs the copies run on [+spin|+block: "
+              "receiver spins or sleeps for headers]", flush=True)
         print(f"{'staging':>15} {'tokens':>7} {'MiB':>8} {'1 send GB/s':>12} {self.backend + ' KV GB/s':>13} "
               f"{'ratio':>6} {'from ready':>11} {'ratio':>6}", flush=True)
 
@@ -149,7 +159,7 @@ class Report:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {"shape": vars(args.shape), "device": args.device, "staging_mib": args.staging.mib,
                   "staging_buffers": args.staging.buffers, "taper_mib": args.staging.taper_mib,
-                  "spin_for_header": args.staging.spin,
+                  "spin_for_header": args.staging.spin, "copy_sm_fraction": args.staging.copy_sm_fraction,
                   "iters": args.iters, "complete": done, "host_latencies": self.probes, "rows": self.rows,
                   "sweep": self.sweep}
         if args.device == "cuda":

@@ -26,8 +26,13 @@ def gather_blocks_into_ref(
     out: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
+    num_programs: int | None = None,
 ) -> torch.Tensor:
-    """Like gather_blocks_ref, but into the given contiguous staging buffer `out`; returns out."""
+    """Like gather_blocks_ref, but into the given contiguous staging buffer `out`; returns out.
+
+    num_programs (the Triton kernel): run on at most this many programs, each looping over its share of the
+    blocks, so the copy leaves the rest of the GPU's SMs to kernels running beside it (NCCL's, during a KV
+    transfer); None: one program per block and layer. The reference ignores it."""
     torch.index_select(_view(kv_cache, layers, heads), 2, block_ids, out=out)
     return out
 
@@ -38,40 +43,51 @@ def scatter_blocks_ref(
     block_ids: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
+    num_programs: int | None = None,
 ) -> None:
-    """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache in place."""
+    """Inverse of gather: write buf [Le-Ls, 2, n, He-Hs, Bs, D] into blocks block_ids of kv_cache in place
+    (num_programs: as for gather_blocks_into_ref)."""
     _view(kv_cache, layers, heads).index_copy_(2, block_ids, buf)
 
 
 # Neither the block count nor the ids' alignment is specialized on (a message of 1 block or of 16, starting
 # at any block of a transfer, runs the same binary), so one warm-up per head count loads every variant a
 # transfer will use (load_kernels).
-@triton.jit(do_not_specialize=["num_ids"], do_not_specialize_on_alignment=["ids_ptr", "num_ids"])
+@triton.jit(do_not_specialize=["num_ids", "num_items"],
+            do_not_specialize_on_alignment=["ids_ptr", "num_ids", "num_items"])
 def _block_copy_kernel(
-    cache_ptr, buf_ptr, ids_ptr, num_ids, stride_l, stride_kv, stride_n, stride_h,
-    NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TO_BUF: tl.constexpr,
+    cache_ptr, buf_ptr, ids_ptr, num_ids, num_items, stride_l, stride_kv, stride_n, stride_h,
+    NUM_HEADS: tl.constexpr, CHUNK: tl.constexpr, TILE_HEADS: tl.constexpr, TILE_CHUNK: tl.constexpr,
+    TO_BUF: tl.constexpr,
 ):
-    # Program (j, layer*2 + kv) moves block ids[j] of one layer's K or V: NUM_HEADS chunks of CHUNK =
-    # block_size * D contiguous elements each. cache_ptr already points at (first layer, first head).
-    j = tl.program_id(0).to(tl.int64)
-    lkv = tl.program_id(1).to(tl.int64)
-    block = tl.load(ids_ptr + j)
-    src = cache_ptr + (lkv // 2) * stride_l + (lkv % 2) * stride_kv + block * stride_n
-    dst = buf_ptr + (lkv * num_ids + j) * NUM_HEADS * CHUNK
-    offs = tl.arange(0, BLOCK)
-    for h in range(NUM_HEADS):
-        for c in range(0, CHUNK, BLOCK):
-            mask = c + offs < CHUNK
-            cache_at = src + h * stride_h + c + offs
-            buf_at = dst + h * CHUNK + c + offs
+    # Item i = (layer * 2 + kv) * num_ids + j moves block ids[j] of one layer's K or V: NUM_HEADS chunks of
+    # CHUNK = block_size * D contiguous elements each, TILE_HEADS chunks per load. Program p moves items p,
+    # p + P, p + 2P, ... (P programs: one item each, or a bounded grid that leaves SMs to other kernels).
+    # cache_ptr already points at (first layer, first head).
+    hh = tl.arange(0, TILE_HEADS)[:, None]
+    cc = tl.arange(0, TILE_CHUNK)[None, :]
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        j = (item % num_ids).to(tl.int64)
+        lkv = (item // num_ids).to(tl.int64)
+        block = tl.load(ids_ptr + j)
+        src = cache_ptr + (lkv // 2) * stride_l + (lkv % 2) * stride_kv + block * stride_n
+        dst = buf_ptr + (lkv * num_ids + j) * NUM_HEADS * CHUNK
+        for h0 in range(0, NUM_HEADS, TILE_HEADS):
+            h = h0 + hh
+            mask = (h < NUM_HEADS) & (cc < CHUNK)
+            cache_at = src + h * stride_h + cc
+            buf_at = dst + h * CHUNK + cc
             if TO_BUF:
                 tl.store(buf_at, tl.load(cache_at, mask=mask), mask=mask)
             else:
                 tl.store(cache_at, tl.load(buf_at, mask=mask), mask=mask)
 
 
+_TILE_ELEMENTS = 16384  # elements one program loads at once (32 KiB of 16-bit values: a Llama block's 8 heads)
+
+
 def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, layers: Range, heads: Range,
-          to_buf: bool) -> None:
+          to_buf: bool, num_programs: int | None) -> None:
     assert kv_cache.dim() == 6 and kv_cache.shape[1] == 2, "kv_cache: [L, 2, N, Hkv, Bs, D]"
     view = _view(kv_cache, layers, heads)
     num_layers, _, _, num_heads, block_size, head_dim = view.shape
@@ -81,12 +97,18 @@ def _copy(kv_cache: torch.Tensor, block_ids: torch.Tensor, buf: torch.Tensor, la
     assert buf.shape == want and buf.is_contiguous(), f"staging buffer must be contiguous {want}"
     assert buf.dtype == kv_cache.dtype, "staging buffer dtype differs from the cache"
     assert buf.device == kv_cache.device == block_ids.device, "all tensors on one device"
+    num_items = num_layers * 2 * block_ids.shape[0]
+    if num_items == 0:
+        return
     chunk = block_size * head_dim
-    _block_copy_kernel[(block_ids.shape[0], num_layers * 2)](
-        view, buf, block_ids, block_ids.shape[0],
+    tile_chunk = triton.next_power_of_2(chunk)
+    tile_heads = min(triton.next_power_of_2(num_heads), max(1, _TILE_ELEMENTS // tile_chunk))
+    grid = num_items if num_programs is None else max(1, min(num_items, num_programs))
+    _block_copy_kernel[(grid,)](
+        view, buf, block_ids, block_ids.shape[0], num_items,
         view.stride(0), view.stride(1), view.stride(2), view.stride(3),
-        NUM_HEADS=num_heads, CHUNK=chunk, BLOCK=min(4096, triton.next_power_of_2(chunk)), TO_BUF=to_buf,
-        num_warps=4,
+        NUM_HEADS=num_heads, CHUNK=chunk, TILE_HEADS=tile_heads, TILE_CHUNK=tile_chunk, TO_BUF=to_buf,
+        num_warps=8,
     )
 
 
@@ -97,7 +119,7 @@ def gather_blocks_triton(
     view = _view(kv_cache, layers, heads)
     shape = (view.shape[0], 2, block_ids.shape[0], *view.shape[3:])
     out = torch.empty(shape, dtype=kv_cache.dtype, device=kv_cache.device)
-    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
+    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True, num_programs=None)
     return out
 
 
@@ -107,9 +129,10 @@ def gather_blocks_into_triton(
     out: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
+    num_programs: int | None = None,
 ) -> torch.Tensor:
     """Triton gather_blocks_into (same contract as the ref)."""
-    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True)
+    _copy(kv_cache, block_ids, out, layers, heads, to_buf=True, num_programs=num_programs)
     return out
 
 
@@ -119,9 +142,10 @@ def scatter_blocks_triton(
     block_ids: torch.Tensor,
     layers: Range = None,
     heads: Range = None,
+    num_programs: int | None = None,
 ) -> None:
     """Triton scatter_blocks (same contract as the ref)."""
-    _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False)
+    _copy(kv_cache, block_ids, buf, layers, heads, to_buf=False, num_programs=num_programs)
 
 
 def load_kernels(kv_cache: torch.Tensor) -> None:

@@ -211,6 +211,12 @@ class TransferConfig:
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 128 << 20
     grpc_chunk_bytes: int = 4 << 20
+    # CUDA: gathers and scatters run on this fraction of the GPU's SMs (a bounded grid, each program looping
+    # over its blocks), leaving the rest to the NCCL kernels they overlap with. On all SMs a copy holds up the
+    # send or receive beside it: 4k tokens over NVLink with every copy overlapped ran at 0.83 of one raw send
+    # on all SMs, 0.90 on half (docs/benchmarks.md). A copy on half an H200 still runs ~9x faster than the
+    # wire. 1.0: one program per block and layer.
+    copy_sm_fraction: float = 0.5
     # NCCL: how the receiving thread waits for an expected transfer's header. True: it spins a CPU core in the
     # driver until the header lands (wakes within microseconds; a core per connected pair, and only while a
     # transfer is expected and not yet announced). False: it sleeps until the GPU signals (no CPU used
@@ -224,4 +230,4 @@ class TransferConfig:
     # Record a timeline of every transfer (kv_transfer/trace.py): host stamps and CUDA timing events at each
     # stage, returned in TransferResult.trace. Off: no clock reads, no events. start_send / expect can
     # also turn it on for one transfer.
-    trace: bool = False
+    trace: bool | str = False  # "host": host stamps only, no CUDA events

@@ -151,7 +151,7 @@ class PairWorker:
                          local_heads[1] - local_heads[0], layout.block_size, layout.head_dim)
                 payload = buf.view(layout.torch_dtype, shape)  # [Lm, 2, nm, Hm, Bs, D]
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
-                                       msg.layers, local_heads)
+                                       msg.layers, local_heads, sender.copy_programs)
                 tr.mark("gather launched | done", k, gpu=True)
                 sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
                 tr.mark("send posted | done", k, gpu=done_stream is not None, stream=done_stream)

@@ -22,7 +22,7 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
-from pdserve.kv_transfer.staging import StagingPool, device_index, pinned_index
+from pdserve.kv_transfer.staging import StagingPool, copy_programs, device_index, pinned_index
 from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
@@ -43,6 +43,7 @@ class KVReceiver:
         self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
         self.stats = TransferStats()
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        self.copy_programs = copy_programs(kv_cache.device, self.config.copy_sm_fraction)
         block_copy.load_kernels(kv_cache)  # before any transfer can keep the GPU busy
         self._release = release_blocks
         self._lock = threading.Condition()
@@ -52,6 +53,8 @@ class KVReceiver:
         self._conn_ids = iter(range(1, 1 << 62))
         self._closed = threading.Event()
         self._traced = 0  # traced transfers expected and not finished (pairs then trace their headers)
+        # where the pairs' header traces record events: the last traced transfer's (None: host stamps only)
+        self._trace_device = None if self.config.trace == "host" else kv_cache.device
         self._ingest = _make_ingest(transport, self, host)
         self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
         self._watchdog.start()
@@ -63,9 +66,9 @@ class KVReceiver:
 
     # ---- scheduler-facing ----------------------------------------------------------------------------
     def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None,
-               trace: bool | None = None) -> None:
+               trace: bool | str | None = None) -> None:
         """Wait for `transfer_id` to fill `block_ids` (reserved by the caller) within the deadline.
-        `trace`: record its timeline (default: config.trace)."""
+        `trace`: record its timeline (True, or "host": host stamps only; default: config.trace)."""
         tr = start_trace(self.config.trace if trace is None else trace, "recv", self.kv_cache.device,
                          "expect called")
         n = len(block_ids)
@@ -77,6 +80,8 @@ class KVReceiver:
         with self._lock:
             self._book.add(transfer_id, inc)
             self._traced += tr.enabled
+            if tr.enabled:
+                self._trace_device = tr.device
             rejected = self._rejected.pop(transfer_id, None)
             self._lock.notify_all()
         tr.mark("expect: pair threads woken")
@@ -101,7 +106,7 @@ class KVReceiver:
         """Transports: where a pair marks a header's stages before it knows the transfer (Trace.absorb then
         moves them); NO_TRACE unless a traced transfer is expected."""
         if self._traced or self.config.trace:
-            return Trace("recv", self.kv_cache.device, anchor=False)
+            return Trace("recv", self._trace_device, anchor=False)
         return NO_TRACE
 
     def wake(self) -> None:
@@ -193,7 +198,7 @@ class KVReceiver:
         # `launching` keeps the blocks out of the pool until the scatter is accounted for.
         event, launched = None, False
         try:
-            ops.scatter_blocks(buf, self.kv_cache, index, part.layers, heads)
+            ops.scatter_blocks(buf, self.kv_cache, index, part.layers, heads, self.copy_programs)
             if buf.is_cuda:
                 event = torch.cuda.Event()
                 event.record()

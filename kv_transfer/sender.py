@@ -21,7 +21,7 @@ from pdserve.kv_transfer.messages import (
 )
 from pdserve.kv_transfer.pair_worker import PairWorker
 from pdserve.kv_transfer.plan import plan_sends
-from pdserve.kv_transfer.staging import StagingPool
+from pdserve.kv_transfer.staging import StagingPool, copy_programs
 from pdserve.kv_transfer.trace import NO_TRACE, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
@@ -81,6 +81,7 @@ class KVSender:
         self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
         self.stats = TransferStats()
         self.staging = StagingPool(self.config.staging_buffers, self.config.staging_bytes, kv_cache.device)
+        self.copy_programs = copy_programs(kv_cache.device, self.config.copy_sm_fraction)
         block_copy.load_kernels(kv_cache)  # before any transfer can keep the GPU busy
         self._release = release_blocks
         self._lock = threading.Condition()
@@ -88,9 +89,9 @@ class KVSender:
         self._workers: dict = {}  # Endpoint -> PairWorker
 
     def start_send(self, transfer_id: int, dest: Destination, block_ids: list[int],
-                   timeout_s: float | None = None, trace: bool | None = None) -> None:
+                   timeout_s: float | None = None, trace: bool | str | None = None) -> None:
         """Register a transfer of `block_ids` to the gang `dest`; nothing moves until layers are saved.
-        `trace`: record its timeline (default: config.trace)."""
+        `trace`: record its timeline (True, or "host": host stamps only; default: config.trace)."""
         tr = start_trace(self.config.trace if trace is None else trace, "send", self.kv_cache.device,
                          "start_send called")
         slices = plan_sends(self.layout, len(dest.endpoints))

@@ -64,6 +64,14 @@ class StagingPool:
             self._cond.notify()
 
 
+def copy_programs(device: torch.device, sm_fraction: float) -> int | None:
+    """How many programs a transfer's gather or scatter runs on (block_copy's num_programs): that fraction of
+    the GPU's SMs; None (one program per block and layer) off CUDA or at a fraction of 1 or more."""
+    if device.type != "cuda" or sm_fraction >= 1.0:
+        return None
+    return max(1, int(torch.cuda.get_device_properties(device).multi_processor_count * sm_fraction))
+
+
 def pinned_index(ids: list[int]) -> torch.Tensor:
     """[n] int64 in pinned host memory: the host half of device_index, made ahead of time."""
     return torch.tensor(ids, dtype=torch.int64).pin_memory()

@@ -28,16 +28,16 @@ def test_refs_roundtrip(layers, heads):
     assert torch.equal(dst, want)
 
 
-def check(shape, num_ids, layers, heads, dtype, device):
+def check(shape, num_ids, layers, heads, dtype, device, num_programs=None):
     kv_cache = torch.randn(shape, dtype=dtype, device=device)
     ids = torch.randperm(shape[2], device=device)[:num_ids]
     want = block_copy.gather_blocks_ref(kv_cache, ids, layers, heads)
     assert torch.equal(block_copy.gather_blocks_triton(kv_cache, ids, layers, heads), want)
     out = torch.full_like(want, float("nan"))
-    assert block_copy.gather_blocks_into_triton(kv_cache, ids, out, layers, heads) is out
+    assert block_copy.gather_blocks_into_triton(kv_cache, ids, out, layers, heads, num_programs) is out
     assert torch.equal(out, want)
     dst, dst_ref = torch.full_like(kv_cache, float("nan")), torch.full_like(kv_cache, float("nan"))
-    block_copy.scatter_blocks_triton(want, dst, ids, layers, heads)
+    block_copy.scatter_blocks_triton(want, dst, ids, layers, heads, num_programs)
     block_copy.scatter_blocks_ref(want, dst_ref, ids, layers, heads)
     assert torch.equal(dst.nan_to_num(7.0), dst_ref.nan_to_num(7.0))  # only the chosen blocks/heads written
 
@@ -49,11 +49,26 @@ def test_triton(layers, heads, dtype, poisoned):
     check((3, 2, 10, 4, 4, 8), 4, layers, heads, dtype, DEVICE)
 
 
+@runs_triton
+@pytest.mark.parametrize("num_programs", [1, 5, 1000])
+def test_triton_bounded_grid(num_programs, poisoned):
+    """Fewer programs than blocks x layers: each loops over its share (1000: more than there is work)."""
+    check((3, 2, 10, 4, 4, 8), 4, (1, 3), (1, 4), torch.float16, DEVICE, num_programs)
+
+
+@runs_triton
+def test_triton_odd_head_count_and_chunk():
+    """3 heads and block_size x head_dim = 48: both tile dimensions masked."""
+    check((2, 2, 6, 3, 4, 12), 3, None, None, torch.float32, DEVICE)
+    check((2, 2, 6, 3, 4, 12), 3, None, (1, 3), torch.float32, DEVICE, 2)
+
+
 @pytest.mark.gpu
 @on_gpu
 @pytest.mark.parametrize("layers,heads", [(None, None), ((8, 24), (2, 6))])
-def test_gpu(layers, heads, poisoned):
-    check((32, 2, 4096, 8, 16, 128), 1000, layers, heads, torch.bfloat16, DEVICE)
+@pytest.mark.parametrize("num_programs", [None, 66])
+def test_gpu(layers, heads, num_programs, poisoned):
+    check((32, 2, 4096, 8, 16, 128), 1000, layers, heads, torch.bfloat16, DEVICE, num_programs)
 
 
 def test_wrong_cache_rank_is_named():
