@@ -227,6 +227,10 @@ class TransferConfig:
     # 18 µs median and ~0.2 ms at p90 on an H200 host, ahead of the first byte. Polls yield the GIL every
     # turn. 0: always sleep.
     sender_spin_s: float = 0.02
+    # Sender: when a pair's thread takes up a transfer, it polls this long for the first message's layers to
+    # be saved. Saved by then: their gather is launched before the header is posted (the KV was there at
+    # start_send, or save_kv followed it at once). Not: the header goes first, ahead of the KV.
+    kv_first_poll_s: float = 0.0002
     # Record a timeline of every transfer (kv_transfer/trace.py): host stamps and CUDA timing events at each
     # stage, returned in TransferResult.trace. Off: no clock reads, no events. start_send / expect can
     # also turn it on for one transfer.

@@ -38,6 +38,8 @@ class PairWorker:
         # CUDA: pinned host buffer of header + block ids, and the event after its last copy (see _stage_ids)
         self._ids_host: torch.Tensor | None = None
         self._ids_copied: torch.cuda.Event | None = None
+        self._ids_dev: torch.Tensor | None = None  # CUDA: where they land, kept (see _stage_ids)
+        self._header_stream: torch.cuda.Stream | None = None  # CUDA: see _run
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint.port}", daemon=True)
         self._thread.start()
 
@@ -78,6 +80,9 @@ class PairWorker:
         if device.type == "cuda":  # a new thread starts on GPU 0 whatever the main thread chose
             torch.cuda.set_device(device)
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # CUDA: a header posted after the first gather is posted from here, a stream that waits for the ids'
+        # copy only (NCCL's stream waits for the poster's: from `side` the header would wait for the gather)
+        self._header_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             while (item := self._next()) is not None:
                 out, part = item
@@ -128,19 +133,25 @@ class PairWorker:
         unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
         taper = sender.config.taper_bytes // unit if self.endpoint.kind is TransportKind.TORCH else 0
         header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
+        plan = message_plan(layout.num_layers, header)
         tr = out.trace
         tr.mark("header built")
+        # KV saved already (or about to be: the caller saves it right after start_send): the first gather goes
+        # to the GPU before the header is posted, and the first byte moves that much sooner. Otherwise the
+        # header goes now, so the receiver has posted its receives by the time the KV is there.
+        kv_first = out.poll_layers(plan[0].layers[1], sender.config.kv_first_poll_s)
         # Made here, on this worker's stream, so the prefill stream never waits for the copy.
         header_dev, index = self._stage_ids(header, out.block_ids)  # [HEADER_LEN], [n]
         tr.mark("header and block ids staged")
-        link.begin(header, out.deadline, header_dev)
-        tr.mark("header posted")
+        if not kv_first:
+            link.begin(header, out.deadline, header_dev)
+            tr.mark("header posted")
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
         # device: sends complete on the link's stream (NCCL), not on this one
         done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
-        for k, msg in enumerate(message_plan(layout.num_layers, header)):
+        for k, msg in enumerate(plan):
             out.wait_layers(waited, msg.layers[1], out.deadline, self._spin_until)
             waited = max(waited, msg.layers[1])
             buf = sender.staging.acquire(out.deadline)
@@ -153,12 +164,24 @@ class PairWorker:
                 ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
                                        msg.layers, local_heads, sender.copy_programs)
                 tr.mark("gather launched | done", k, gpu=True)
+                if k == 0 and kv_first:
+                    self._begin_beside(link, header, out.deadline, header_dev)
+                    tr.mark("header posted")
                 sent = link.send(header, msg, buf.data[:payload.nbytes], out.deadline)
                 tr.mark("send posted | done", k, gpu=done_stream is not None, stream=done_stream)
             finally:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
         return num_bytes
+
+    def _begin_beside(self, link, header: TransferHeader, deadline: float, header_dev) -> None:
+        """Post the header after the first gather was launched, without waiting for that gather (CUDA)."""
+        if self._header_stream is None:
+            link.begin(header, deadline, header_dev)
+            return
+        self._header_stream.wait_event(self._ids_copied)
+        with torch.cuda.stream(self._header_stream):
+            link.begin(header, deadline, header_dev)
 
     def _stage_ids(self, header: TransferHeader, block_ids: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(header, block ids) on the cache's device as int64, from one host-to-device copy (CUDA; the
@@ -179,7 +202,13 @@ class PairWorker:
         values = host.numpy()
         values[:HEADER_LEN] = header.to_list()
         values[HEADER_LEN:n] = block_ids
-        staged = host[:n].to(device, non_blocking=True)
+        # NOTE: the device buffer is reused: its last readers are the previous transfer's gathers (earlier on
+        # this stream) and its header's send, which completed before that transfer ended (flush), or was
+        # aborted with its pair.
+        if self._ids_dev is None or self._ids_dev.numel() < n:
+            self._ids_dev = torch.empty(host.numel(), dtype=torch.int64, device=device)
+        staged = self._ids_dev[:n]
+        staged.copy_(host[:n], non_blocking=True)
         self._ids_copied = torch.cuda.Event()
         self._ids_copied.record()
         return staged[:HEADER_LEN], staged[HEADER_LEN:]

@@ -44,6 +44,16 @@ class Outgoing:
     cond: threading.Condition = field(default_factory=threading.Condition)
     trace: object = NO_TRACE  # a kv_transfer.trace.Trace when traced
 
+    def poll_layers(self, upto: int, seconds: float) -> bool:
+        """True if layers [0, upto) are saved, polling for at most `seconds` (each poll yields the GIL, so a
+        caller that saves them right after start_send gets through first)."""
+        until = time.monotonic() + seconds
+        while self.layers_ready < upto and not self.state.finished:
+            if time.monotonic() >= until:
+                return False
+            time.sleep(0)
+        return self.layers_ready >= upto
+
     def wait_layers(self, start: int, upto: int, deadline: float, spin_until: float = 0.0) -> None:
         """Block (bounded) until layers [0, upto) are saved; on CUDA the current stream waits on the events
         of layers [start, upto) (the caller's stream already waits on those before `start`). Until
