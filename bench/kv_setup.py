@@ -39,28 +39,39 @@ class Staging:
     taper_mib: float
     spin: bool = False
     copy_sm_fraction: float = TransferConfig.copy_sm_fraction
+    # other TransferConfig fields, as (name, value) pairs
+    overrides: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def parse(cls, text: str, default: Staging) -> Staging:
         """'4x256', '4x256/8' (taper MiB after the slash), '4x256/8@0.5' (copies on half the SMs),
-        '4x256/8+spin' or '4x256+block'; what is not said is `default`'s."""
+        '4x256/8+spin' or '4x256+block', then any other TransferConfig fields as ':name=value'
+        ('2x512:receives_ahead=1'); what is not said is `default`'s."""
+        text, *fields = text.split(":")
+        overrides = []
+        for field in fields:
+            name, _, value = field.partition("=")
+            if name not in TransferConfig.__dataclass_fields__ or not value:
+                raise ValueError(f"sweep entry {text!r}: {field!r} is not NAME=VALUE of a TransferConfig field")
+            overrides.append((name, float(value)))
         text, _, wait = text.partition("+")
         text, _, fraction = text.partition("@")
         size, _, taper = text.partition("/")
         buffers, _, mib = size.partition("x")
         spin = {"spin": True, "block": False, "": default.spin}[wait]
         return cls(int(buffers), int(mib), float(taper) if taper else default.taper_mib, spin,
-                   float(fraction) if fraction else default.copy_sm_fraction)
+                   float(fraction) if fraction else default.copy_sm_fraction, tuple(overrides))
 
     def __str__(self) -> str:
         return (f"{self.buffers}x{self.mib}/{self.taper_mib:g}@{self.copy_sm_fraction:g}"
-                + ("+spin" if self.spin else "+block"))
+                + ("+spin" if self.spin else "+block") + "".join(f":{k}={v:g}" for k, v in self.overrides))
 
     def config(self, stage_timeout: float) -> TransferConfig:
         return TransferConfig(timeout_s=stage_timeout, connect_timeout_s=stage_timeout, idle_timeout_s=600,
                               staging_buffers=self.buffers, staging_bytes=self.mib << 20,
                               taper_bytes=int(self.taper_mib * 2**20), spin_for_header=self.spin,
-                              copy_sm_fraction=self.copy_sm_fraction)
+                              copy_sm_fraction=self.copy_sm_fraction,
+                              **{k: type(getattr(TransferConfig, k))(v) for k, v in self.overrides})
 
 
 def make_cache(args, rank: int, device: torch.device) -> tuple[torch.Tensor, KVLayout]:

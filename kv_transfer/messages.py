@@ -211,6 +211,9 @@ class TransferConfig:
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
     taper_bytes: int = 128 << 20
     grpc_chunk_bytes: int = 4 << 20
+    # Receiver: at most this many messages of a transfer have their receive posted ahead of their scatter (1:
+    # the next receive is posted once the previous message was scattered). Each holds a staging buffer.
+    receives_ahead: int = 2
     # CUDA: gathers and scatters run on this fraction of the GPU's SMs (a bounded grid, each program looping
     # over its blocks), leaving the rest to the NCCL kernels they overlap with. On all SMs a copy holds up the
     # send or receive beside it: 4k tokens over NVLink with every copy overlapped ran at 0.83 of one raw send

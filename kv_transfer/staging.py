@@ -39,9 +39,16 @@ class StagingPool:
             for _ in range(num_buffers))
         self._cond = threading.Condition()
 
-    def acquire(self, deadline: float) -> StagingBuffer:
+    def acquire(self, deadline: float | None) -> StagingBuffer | None:
+        """A free buffer, waiting (bounded) for one; deadline None: only if one is free now (else None).
+
+        NOTE: a caller that holds buffers it alone gives back must not wait here (deadline None): two such
+        callers waiting for each other's buffers would wait until their deadlines.
+        """
         with self._cond:
             while not self._free:
+                if deadline is None:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TransferError("timed out waiting for a free KV staging buffer")

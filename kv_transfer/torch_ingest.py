@@ -1,6 +1,7 @@
 """Receiving rank of the torch.distributed transport: one thread (and CUDA side stream) per connected pair."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -139,40 +140,70 @@ class TorchDistIngest:
         return host.tolist()
 
     def _receive(self, pair: _Pair, header: TransferHeader, scatter: torch.cuda.Stream | None) -> None:
-        """Post every message's receive back to back; each scatter follows its receive on another stream.
+        """Post the receives as soon as the header is known; each scatter follows its receive on another stream.
 
-        NOTE (CUDA): NCCL's stream waits for the stream a receive is posted from. Receives are posted from
-        this thread's stream, which carries nothing but waits for staging buffers to be free again, and
-        scatters run on `scatter`: the receive of message k+1 runs while message k is scattered, instead
-        of queueing behind that scatter. No host sync until the last scatter is enqueued.
+        NOTE (CUDA): the sender's sends wait for these receives, so the first ones are posted before anything
+        else (even before the header is checked against the expectation: a bad header tears the pair down
+        all the same), as many as there are free staging buffers, and each later one as soon as a buffer is
+        handed back (stream-ordered, behind the scatter that read it). Only a pair holding no buffer waits
+        for one: pairs share the pool, and two waiting while holding buffers would wait for each other.
+        NCCL's stream waits for the stream a
+        receive is posted from: receives are posted from this thread's stream, which carries nothing but
+        those waits for staging buffers, and scatters run on `scatter`, so the receive of message k+1 runs
+        while message k is scattered. No host sync until the last scatter is enqueued.
         """
         receiver, cuda = self.receiver, self.device.type == "cuda"
-        inc = receiver.open_part(pair.conn_id, header)
-        tr = inc.trace
-        tr.absorb(pair.pending)
-        pair.pending = NO_TRACE
-        tr.mark("transfer known (open_part)")
         dtype = receiver.layout.torch_dtype
         parts = message_plan(receiver.layout.num_layers, header)
-        on_scatter = (lambda: torch.cuda.stream(scatter)) if cuda else contextlib.nullcontext
-        for k, part in enumerate(parts):
-            buf = receiver.staging.acquire(inc.deadline)  # this stream waits until its last scatter ran
-            try:
-                payload = buf.view(dtype, receiver.part_shape(header, part))  # [Lm, 2, nm, Hm, Bs, D]
-                work = pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0)  # posted from this stream
+        deadline = time.monotonic() + receiver.config.timeout_s  # until the expectation's own is known
+        posted: collections.deque = collections.deque()  # (k, buf, payload, work), k ascending
+        tr = pair.pending
+        pair.pending = NO_TRACE
+
+        def post_more() -> None:
+            """Post the next receives: while a buffer is free, or (holding none) once one is."""
+            while (k := posted[-1][0] + 1 if posted else next_k) < len(parts) and \
+                    len(posted) < receiver.config.receives_ahead:
+                # this stream waits until the buffer's last scatter ran
+                buf = receiver.staging.acquire(None if posted else deadline)
+                if buf is None:
+                    return
+                try:
+                    payload = buf.view(dtype, receiver.part_shape(header, parts[k]))  # [Lm, 2, nm, Hm, Bs, D]
+                    posted.append((k, buf, payload, pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0)))
+                except BaseException:
+                    receiver.staging.release(buf)
+                    raise
                 tr.mark("recv posted | may start", k, gpu=True)  # device: this stream let NCCL's go
-                with on_scatter():
-                    wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
-                    tr.mark("recv awaited | done", k, gpu=True)  # gloo: the host waited for it
-                    delivered = receiver.scatter(inc, header, part, payload)
-                    tr.mark("scatter launched | done", k, gpu=True)
-            except BaseException:
+
+        on_scatter = (lambda: torch.cuda.stream(scatter)) if cuda else contextlib.nullcontext
+        next_k = 0  # the next message to post once `posted` is empty
+        try:
+            post_more()
+            inc = receiver.open_part(pair.conn_id, header)
+            inc.trace.absorb(tr)
+            tr = inc.trace
+            tr.mark("transfer known (open_part)")
+            deadline = inc.deadline
+            while posted:
+                k, buf, payload, work = posted.popleft()
+                next_k = k + 1
+                try:
+                    with on_scatter():
+                        wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
+                        tr.mark("recv awaited | done", k, gpu=True)  # gloo: the host waited for it
+                        delivered = receiver.scatter(inc, header, parts[k], payload)
+                        tr.mark("scatter launched | done", k, gpu=True)
+                finally:
+                    with on_scatter():
+                        receiver.staging.release(buf)  # CUDA: free once the scatter (on `scatter`) ran
+                if not delivered or pair.dropped.is_set():
+                    raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
+                post_more()
+        except BaseException:
+            for _, buf, _, _ in posted:  # their receives end with the pair (torn down by the caller)
                 receiver.staging.release(buf)
-                raise
-            with on_scatter():
-                receiver.staging.release(buf)  # CUDA: free once the scatter (on `scatter`) ran
-            if not delivered or pair.dropped.is_set():
-                raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
+            raise
         if cuda:  # the scatters were enqueued on `scatter`: the host blocks until they ran (no sleep between
             done = torch.cuda.Event()  # polls; past the deadline the pair is dropped, which ends its receives)
             done.record(scatter)
