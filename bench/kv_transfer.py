@@ -20,6 +20,7 @@ import os
 import pathlib
 import random
 import sys
+import threading
 import time
 
 import torch
@@ -199,7 +200,8 @@ def worker(rank: int, args, pipes) -> None:
         receiver_main(args, pipes[RECEIVER], device, stages)
     else:
         sender_main(args, pipes[SENDER], device, stages)
-    stages.log("done")
+    # What is still running (a transfer thread left behind by a closed sender or receiver shows up here).
+    stages.log(f"done; threads left: {sorted(t.name for t in threading.enumerate())}")
     if args.device == "cuda":
         # Leave without running NCCL's and the transfer threads' teardown at interpreter exit (it can hang).
         sys.stdout.flush()
