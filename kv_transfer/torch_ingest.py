@@ -147,10 +147,10 @@ class TorchDistIngest:
         all the same), as many as there are free staging buffers, and each later one as soon as a buffer is
         handed back (stream-ordered, behind the scatter that read it). Only a pair holding no buffer waits
         for one: pairs share the pool, and two waiting while holding buffers would wait for each other.
-        NCCL's stream waits for the stream a
-        receive is posted from: receives are posted from this thread's stream, which carries nothing but
-        those waits for staging buffers, and scatters run on `scatter`, so the receive of message k+1 runs
-        while message k is scattered. No host sync until the last scatter is enqueued.
+        NCCL's stream waits for the stream a receive is posted from: receives are posted from this thread's
+        stream, which carries nothing but those waits for staging buffers, and scatters run on `scatter`, so
+        the receive of message k+1 runs while message k is scattered. No host sync until the last scatter
+        is enqueued.
         """
         receiver, cuda = self.receiver, self.device.type == "cuda"
         dtype = receiver.layout.torch_dtype
