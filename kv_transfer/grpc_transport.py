@@ -177,7 +177,7 @@ class GrpcLink:
         except grpc.RpcError as e:
             raise TransferError(f"KV push failed: {e.code().name}: {e.details()}") from e
 
-    def flush(self, deadline: float) -> None:
+    def flush(self, deadline: float, after=None) -> None:
         """Nothing: each Push returns only after the receiver scattered the message."""
 
     def close(self, graceful: bool) -> None:

@@ -168,6 +168,8 @@ class TransferStats:
     handshakes_refused: int = 0
     groups_created: int = 0
     groups_torn_down: int = 0
+    graph_transfers: int = 0  # NCCL: transfers launched from a CUDA graph (TransferConfig.cuda_graphs)
+    graphs_captured: int = 0
     total_duration_s: float = 0.0
     max_duration_s: float = 0.0
 
@@ -214,6 +216,10 @@ class TransferConfig:
     # Receiver: at most this many messages of a transfer have their receive posted ahead of their scatter (1:
     # the next receive is posted once the previous message was scattered). Each holds a staging buffer.
     receives_ahead: int = 2
+    # NCCL pairs: a transfer whose KV is all saved when its pair thread takes it up is launched from a CUDA
+    # graph of its whole message sequence (kv_transfer/graphs.py), captured once per message plan and pair:
+    # one host launch per side instead of one per gather, send, receive and scatter.
+    cuda_graphs: bool = False
     # CUDA: gathers and scatters run on this fraction of the GPU's SMs (a bounded grid, each program looping
     # over its blocks), leaving the rest to the NCCL kernels they overlap with. On all SMs a copy holds up the
     # send or receive beside it: 4k tokens over NVLink with every copy overlapped ran at 0.83 of one raw send

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import threading
 import time
 
@@ -10,6 +11,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import ops
+from pdserve.kv_transfer.graphs import capture
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
 from pdserve.kv_transfer.plan import SendSlice, message_shape
 from pdserve.kv_transfer.staging import device_index
@@ -108,7 +110,7 @@ class PairWorker:
         for attempt in range(2):
             link = self._ensure_link(out.transfer_id, out.deadline)
             tr.mark("link ready")
-            num_bytes = self._post(out, part, link)
+            num_bytes, done = self._post(out, part, link)
             if not getattr(link, "check_after_posting", False):
                 break
             is_open = attempt or link.is_open()
@@ -116,12 +118,13 @@ class PairWorker:
             if is_open:
                 break
             self._drop_link(graceful=False)
-        link.flush(out.deadline)
+        link.flush(out.deadline, done)
         tr.mark("every send completed (host saw it)")
         return num_bytes
 
-    def _post(self, out, part: SendSlice, link) -> int:
-        """Gather each message into staging and post its send; returns the bytes posted.
+    def _post(self, out, part: SendSlice, link) -> tuple[int, torch.cuda.Event | None]:
+        """Gather each message into staging and post its send; returns the bytes posted, and (a transfer
+        launched from a CUDA graph) the event after its last send, which flush waits for.
 
         NOTE (CUDA): this thread's stream carries the gathers only; each send's completion is awaited on the
         link's own stream (TorchDistLink.send), so the gather of message k+1 runs while message k is sent,
@@ -143,11 +146,14 @@ class PairWorker:
         # Made here, on this worker's stream, so the prefill stream never waits for the copy.
         header_dev, index = self._stage_ids(header, out.block_ids)  # [HEADER_LEN], [n]
         tr.mark("header and block ids staged")
+        hs = layout.heads[0]
+        local_heads = (part.heads[0] - hs, part.heads[1] - hs)
+        if kv_first and sender.config.cuda_graphs and getattr(link, "graphs", None) is not None and \
+                out.poll_layers(layout.num_layers, 0.0):
+            return self._post_graph(out, header, plan, local_heads, link, header_dev, index)
         if not kv_first:
             link.begin(header, out.deadline, header_dev)
             tr.mark("header posted")
-        hs = layout.heads[0]
-        local_heads = (part.heads[0] - hs, part.heads[1] - hs)
         # device: sends complete on the link's stream (NCCL), not on this one
         done_stream = getattr(link, "completion_stream", None)
         num_bytes, waited = 0, 0
@@ -172,7 +178,51 @@ class PairWorker:
             finally:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
-        return num_bytes
+        return num_bytes, None
+
+    def _post_graph(self, out, header: TransferHeader, plan, local_heads, link, header_dev,
+                    index) -> tuple[int, torch.cuda.Event]:
+        """The whole transfer, header first, from one CUDA graph (graphs.py) of this plan, captured on first
+        use. It reads the header and block ids from this worker's device buffer (refilled just before, on this
+        stream) and holds every staging buffer while it runs. Returns (bytes, event after the last send)."""
+        sender, layout = self.sender, self.sender.layout
+        out.wait_layers(0, layout.num_layers, out.deadline)  # this stream waits for the saved layers
+        bufs = sender.staging.acquire_all(out.deadline)
+        shapes = [(m.layers[1] - m.layers[0], 2, m.blocks[1] - m.blocks[0], local_heads[1] - local_heads[0],
+                   layout.block_size, layout.head_dim) for m in plan]
+
+        def enqueue() -> None:
+            here = torch.cuda.current_stream()
+            self._header_stream.wait_stream(here)
+            with torch.cuda.stream(self._header_stream):  # the header does not wait for the first gather
+                link.begin(header, out.deadline, header_dev)
+            sent = []
+            for k, msg in enumerate(plan):
+                buf = bufs[k % len(bufs)]
+                if k >= len(bufs):
+                    here.wait_event(sent[k - len(bufs)])  # the buffer's previous send completed
+                payload = buf.view(layout.torch_dtype, shapes[k])  # [Lm, 2, nm, Hm, Bs, D]
+                ops.gather_blocks_into(sender.kv_cache, index[msg.blocks[0]:msg.blocks[1]], payload,
+                                       msg.layers, local_heads, sender.copy_programs)
+                sent.append(link.send(header, msg, buf.data[:payload.nbytes], out.deadline))
+            here.wait_stream(self._header_stream)
+            here.wait_stream(link.completion_stream)
+
+        key = (header.num_blocks, header.heads, header.layers_per_message, header.blocks_per_message,
+               header.taper_units, sender.copy_programs, self._ids_dev.data_ptr())
+        done = torch.cuda.Event()
+        try:
+            captured = link.graphs.captured
+            graph = link.graphs.get(key, lambda: capture(torch.cuda.current_stream(), enqueue))
+            sender.stats.add(graph_transfers=1, graphs_captured=link.graphs.captured - captured)
+            out.trace.mark("graph ready")
+            graph.replay()
+            out.trace.mark("graph launched (header, gathers, sends) | done", gpu=True)
+        finally:
+            done.record()
+            for buf in bufs:
+                sender.staging.release(buf, done)
+        return sum(math.prod(shape) for shape in shapes) * layout.torch_dtype.itemsize, done
 
     def _begin_beside(self, link, header: TransferHeader, deadline: float, header_dev) -> None:
         """Post the header after the first gather was launched, without waiting for that gather (CUDA)."""
@@ -206,7 +256,9 @@ class PairWorker:
         # this stream) and its header's send, which completed before that transfer ended (flush), or was
         # aborted with its pair.
         if self._ids_dev is None or self._ids_dev.numel() < n:
-            self._ids_dev = torch.empty(host.numel(), dtype=torch.int64, device=device)
+            # room for any transfer of this cache's blocks (a CUDA graph keeps reading the same buffer)
+            size = max(host.numel(), HEADER_LEN + self.sender.kv_cache.shape[2])
+            self._ids_dev = torch.empty(size, dtype=torch.int64, device=device)
         staged = self._ids_dev[:n]
         staged.copy_(host[:n], non_blocking=True)
         self._ids_copied = torch.cuda.Event()

@@ -34,9 +34,9 @@ class StagingPool:
         pin = self.device.type == "cpu" and torch.cuda.is_available()  # host side of a GPU's gRPC path
         # NOTE: first in, first out, so consecutive messages use different buffers: on CUDA the gather of the
         # next message overlaps the send of the previous one instead of waiting for it.
-        self._free = collections.deque(
-            StagingBuffer(torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device, pin_memory=pin))
-            for _ in range(num_buffers))
+        self.buffers = [StagingBuffer(torch.empty(buffer_bytes, dtype=torch.uint8, device=self.device, pin_memory=pin))
+                        for _ in range(num_buffers)]
+        self._free = collections.deque(self.buffers)
         self._cond = threading.Condition()
 
     def acquire(self, deadline: float | None) -> StagingBuffer | None:
@@ -57,6 +57,21 @@ class StagingPool:
         if buf.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(buf.ready)
         return buf
+
+    def acquire_all(self, deadline: float) -> list[StagingBuffer]:
+        """Every buffer, in `buffers` order, taken at once (no caller holds some while waiting for the rest);
+        the current stream waits until each one's last use ran."""
+        with self._cond:
+            while len(self._free) < len(self.buffers):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferError("timed out waiting for the KV staging buffers")
+                self._cond.wait(left)
+            self._free.clear()
+        for buf in self.buffers:
+            if buf.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(buf.ready)
+        return list(self.buffers)
 
     def release(self, buf: StagingBuffer, ready: torch.cuda.Event | None = None) -> None:
         """Give back a buffer whose uses are all enqueued: on the current stream, or (CUDA) before `ready`,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from pdserve.errors import TransferError
 from pdserve.kv_transfer.cuda_wait import sync_event
+from pdserve.kv_transfer.graphs import GraphCache
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
 from pdserve.kv_transfer.pair_store import Handshake, _td
@@ -151,6 +152,8 @@ class TorchDistLink:
         self.check_after_posting = self._cuda
         # CUDA: where send completions are awaited (see send)
         self._sent = torch.cuda.Stream(device) if self._cuda else None
+        # NCCL: this pair's CUDA graphs of whole transfers (pair_worker._post_graph); gone with the pair
+        self.graphs = GraphCache() if self._cuda else None
 
     @property
     def completion_stream(self) -> torch.cuda.Stream | None:
@@ -194,12 +197,15 @@ class TorchDistLink:
             sent.record()
         return sent
 
-    def flush(self, deadline: float) -> None:
-        """Every send so far has completed (CUDA: the host blocks on an event after them; past the deadline
-        the group is aborted, which ends the sends, and TransferError is raised)."""
+    def flush(self, deadline: float, after: torch.cuda.Event | None = None) -> None:
+        """Every send so far has completed (CUDA: the host blocks on an event after them, or on `after`, the
+        end of a transfer launched from a graph; past the deadline the group is aborted, which ends the
+        sends, and TransferError is raised)."""
         if self._cuda:
-            event = torch.cuda.Event()
-            event.record(self._sent)
+            event = after
+            if event is None:
+                event = torch.cuda.Event()
+                event.record(self._sent)
             sync_event(event, deadline, self._abort, "NCCL send")
 
     def _abort(self) -> None:

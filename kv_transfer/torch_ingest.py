@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,9 +12,18 @@ import torch
 import torch.distributed as dist
 
 from pdserve.errors import TransferError
+from pdserve.kernels import ops
 from pdserve.kv_transfer.cuda_wait import sync_event
+from pdserve.kv_transfer.graphs import GraphCache, capture
 from pdserve.kv_transfer.layout import KVLayout, check_match
-from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.messages import (
+    HEADER_LEN,
+    Endpoint,
+    TransferHeader,
+    TransferState,
+    TransportKind,
+    message_plan,
+)
 from pdserve.kv_transfer.pair_store import StoreListener, _td, closed_key
 from pdserve.kv_transfer.torch_dist import (
     RECEIVER,
@@ -37,6 +47,10 @@ class _Pair:
     group: dist.ProcessGroup | None = None
     header_bufs: tuple[torch.Tensor, torch.Tensor] | None = None  # NCCL: where headers land (device, host)
     pending: object = NO_TRACE  # the next header's marks, until its transfer is known (kv_transfer.trace)
+    # NCCL, TransferConfig.cuda_graphs: this pair's graphs of whole transfers, and the device buffer of block
+    # ids they read (see _receive_graph)
+    graphs: GraphCache = field(default_factory=GraphCache)
+    ids_dev: torch.Tensor | None = None
 
 
 class TorchDistIngest:
@@ -90,7 +104,10 @@ class TorchDistIngest:
                     header = TransferHeader.from_list(values)
                     if header is None:
                         break
-                    self._receive(pair, header, scatter)
+                    if cuda and self.receiver.config.cuda_graphs:
+                        self._receive_graph(pair, header, scatter)
+                    else:
+                        self._receive(pair, header, scatter)
             except Exception as e:  # noqa: BLE001 - whatever broke the pair fails what it was carrying
                 if not pair.dropped.is_set():
                     self.receiver.conn_lost(pair.conn_id, str(e))
@@ -209,6 +226,76 @@ class TorchDistIngest:
             done.record(scatter)
             sync_event(done, inc.deadline, lambda: self.drop_conn(pair.conn_id), "KV scatter")
             tr.mark("last scatter seen by host (event wait returned)")
+        receiver.landed(inc, header, parts)
+
+    def _receive_graph(self, pair: _Pair, header: TransferHeader, scatter: torch.cuda.Stream) -> None:
+        """The whole transfer (every receive, every scatter on `scatter`) from one CUDA graph of its plan
+        (graphs.py), captured on first use; it reads the block ids from the pair's device buffer (refilled
+        just before, on this stream) and holds every staging buffer while it runs."""
+        receiver = self.receiver
+        layout = receiver.layout
+        inc = receiver.open_part(pair.conn_id, header)
+        inc.trace.absorb(pair.pending)
+        pair.pending = NO_TRACE
+        tr = inc.trace
+        tr.mark("transfer known (open_part)")
+        parts = message_plan(layout.num_layers, header)
+        shapes = [receiver.part_shape(header, part) for part in parts]
+        heads = (header.heads[0] - layout.heads[0], header.heads[1] - layout.heads[0])  # this rank's local ones
+        n = header.num_blocks
+        if pair.ids_dev is None or pair.ids_dev.numel() < n:
+            pair.ids_dev = torch.empty(max(n, receiver.kv_cache.shape[2]), dtype=torch.int64, device=self.device)
+        ids = pair.ids_dev
+        bufs = receiver.staging.acquire_all(inc.deadline)  # this stream waits until their last uses ran
+
+        def enqueue() -> None:
+            here = torch.cuda.current_stream()
+            scattered = []
+            for k, part in enumerate(parts):
+                buf = bufs[k % len(bufs)]
+                if k >= len(bufs):
+                    here.wait_event(scattered[k - len(bufs)])  # the buffer's previous scatter ran
+                payload = buf.view(layout.torch_dtype, shapes[k])  # [Lm, 2, nm, Hm, Bs, D]
+                work = pair.group.recv([buf.data[:payload.nbytes]], SENDER, 0)
+                with torch.cuda.stream(scatter):
+                    work.wait()
+                    ops.scatter_blocks(payload, receiver.kv_cache, ids[part.blocks[0]:part.blocks[1]], part.layers,
+                                       heads, receiver.copy_programs)
+                    scattered.append(torch.cuda.Event())
+                    scattered[-1].record()
+            here.wait_stream(scatter)
+
+        key = (n, header.heads, header.layers_per_message, header.blocks_per_message, header.taper_units,
+               receiver.copy_programs, ids.data_ptr())
+        done = torch.cuda.Event()
+        with inc.lock:
+            if inc.state.finished:
+                for buf in bufs:
+                    receiver.staging.release(buf)
+                raise TransferError(f"transfer {header.transfer_id} ended before its messages arrived")
+            inc.state = TransferState.TRANSFERRING
+            inc.launching += 1  # its blocks stay out of the pool until the replay is accounted for
+        try:
+            ids[:n].copy_(inc.pinned_ids, non_blocking=True)
+            captured = pair.graphs.captured
+            graph = pair.graphs.get(key, lambda: capture(torch.cuda.current_stream(), enqueue))
+            receiver.stats.add(graph_transfers=1, graphs_captured=pair.graphs.captured - captured)
+            tr.mark("graph ready")
+            graph.replay()
+            tr.mark("graph launched (receives, scatters) | done", gpu=True)
+        finally:
+            done.record()
+            with inc.lock:
+                inc.launching -= 1
+                inc.scatters[torch.cuda.current_stream().stream_id] = done
+                inc.num_bytes += sum(math.prod(shape) for shape in shapes) * layout.torch_dtype.itemsize
+            for buf in bufs:
+                receiver.staging.release(buf, done)
+        # past the deadline the pair is dropped, which ends its receives
+        sync_event(done, inc.deadline, lambda: self.drop_conn(pair.conn_id), "KV transfer")
+        tr.mark("last scatter seen by host (event wait returned)")
+        if pair.dropped.is_set():
+            raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
         receiver.landed(inc, header, parts)
 
     def drop_conn(self, conn_id: int) -> None:

@@ -2,6 +2,7 @@
 and a dead sender failing the receiver's transfer within its deadline (NCCL receives aborted, not hung)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -54,10 +55,38 @@ def test_gpu_blocks_land_exactly_and_in_order(gpu_actor, transport):
         ray.kill(receiver)
 
 
-def test_gpu_killed_sender_fails_the_nccl_transfer_within_its_deadline(gpu_actor):
+def test_gpu_nccl_transfers_launched_from_cuda_graphs(gpu_actor):
+    """TransferConfig.cuda_graphs: whole sends go out from one graph per plan (captured once, replayed after),
+    every receive comes in through one; blocks exact and in order all the same."""
     import ray
 
-    victim, receiver, dest = pair(gpu_actor, TransportKind.TORCH)
+    config = dataclasses.replace(cpu.CONFIG, cuda_graphs=True)
+    sender, receiver, dest = pair(gpu_actor, TransportKind.TORCH, config=config)
+    try:
+        plan = [(1, 10, None), (2, 10, cpu.NUM_LAYERS), (3, 1, cpu.NUM_LAYERS), (4, 7, None), (5, 10, None),
+                (6, 7, None)]
+        for tid, n, layers in plan:
+            src_ids, dst_ids, results = cpu.transfer([sender], [receiver], dest, tid, n, layers)
+            assert results[0].state is TransferState.DONE, results
+            cpu.check_landed([receiver], 1, src_ids, dst_ids)
+        sent, received = ray.get([sender.stats.remote(), receiver.stats.remote()])
+        # Whole sends (10 and 7 blocks, twice each) go from graphs, replayed the second time; a layer-by-layer
+        # one does too when all its layers are saved by the time its pair thread takes it up.
+        assert 4 <= sent["graph_transfers"] <= 6 and 2 <= sent["graphs_captured"] <= 3, sent
+        # every transfer arrives through a graph: plans of 10, 1 and 7 blocks
+        assert (received["graph_transfers"], received["graphs_captured"]) == (6, 3), received
+        cpu.twenty_in_order(sender, receiver, dest, earlier=tuple(t for t, _, _ in plan))
+    finally:
+        ray.kill(sender)
+        ray.kill(receiver)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_gpu_killed_sender_fails_the_nccl_transfer_within_its_deadline(gpu_actor, graphs):
+    import ray
+
+    config = dataclasses.replace(cpu.CONFIG, cuda_graphs=graphs)
+    victim, receiver, dest = pair(gpu_actor, TransportKind.TORCH, config=config)
     try:
         # the receives still posted for the dead sender are aborted; the blocks come back once scatters ran
         cpu.killed_sender_fails_in_time(victim, receiver, dest, blocks_back_within_s=2.0)
