@@ -141,15 +141,18 @@ class PairWorker:
         tr.mark("header built")
         # KV saved already (or about to be: the caller saves it right after start_send): the first gather goes
         # to the GPU before the header is posted, and the first byte moves that much sooner. Otherwise the
-        # header goes now, so the receiver has posted its receives by the time the KV is there.
-        kv_first = out.poll_layers(plan[0].layers[1], sender.config.kv_first_poll_s)
+        # header goes now, so the receiver has posted its receives by the time the KV is there. With CUDA
+        # graphs on, all of it saved in that time: the whole transfer goes from a graph.
+        graphs_on = sender.config.cuda_graphs and getattr(link, "graphs", None) is not None
+        poll_s = sender.config.kv_first_poll_s
+        graph = graphs_on and out.poll_layers(layout.num_layers, poll_s)  # (polled already if graphs are on)
+        kv_first = graph or out.poll_layers(plan[0].layers[1], 0.0 if graphs_on else poll_s)
         # Made here, on this worker's stream, so the prefill stream never waits for the copy.
         header_dev, index = self._stage_ids(header, out.block_ids)  # [HEADER_LEN], [n]
         tr.mark("header and block ids staged")
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
-        if kv_first and sender.config.cuda_graphs and getattr(link, "graphs", None) is not None and \
-                out.poll_layers(layout.num_layers, 0.0):
+        if graph:
             return self._post_graph(out, header, plan, local_heads, link, header_dev, index)
         if not kv_first:
             link.begin(header, out.deadline, header_dev)
