@@ -1,15 +1,22 @@
 """Decode GEMMs: cuBLAS against the skinny kernel (kernels/gemm.py), in CUDA graphs, per weight shape.
 
-    python -m pdserve.bench.gemm [--shapes tp1,tp2] [--out DIR]
+    python -m pdserve.bench.gemm [--shapes tp1,tp2] [--layers 32] [--out DIR]
 
 The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
-Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2;
-the best one is then timed at 1 and 16 rows too. A shape earns a SKINNY_CONFIGS entry (printed last) when
-its best config beats cuBLAS at every row count, by 3% at 64; bytes moved = the weight, read once.
+Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2
+(each call's predecessor is the call before: where the GPU has programmatic dependent launch, the skinny
+kernel's start overlaps it); the best one is then timed at 1 and 16 rows, and at 64 without PDL. A shape
+earns a SKINNY_CONFIGS entry (printed last) when its best config beats cuBLAS at every row count, by 3% at
+64; bytes moved = the weight, read once.
+
+Then the layer chain: `--layers` layers of the four projections in order (qkv, o, gate_up, down; each
+layer its own weights, 64 rows), µs per layer for cuBLAS throughout, for what the engine runs now
+(`ops.linear`: the table's entries), and for the skinny kernel's best config of every shape.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -56,19 +63,40 @@ def measure(name: str, n: int, k: int) -> dict:
         timed.append((graph_us([lambda w=w, c=config: gemm.skinny_linear_triton(xs[64], w, c) for w in weights]),
                       config))
     best = min(timed, key=lambda t: t[0])[1]
+    no_pdl = graph_us([lambda w=w: gemm.skinny_linear_triton(xs[64], w, best, pdl=False) for w in weights])
     skinny = {m: graph_us([lambda w=w, x=x: gemm.skinny_linear_triton(x, w, best) for w in weights])
               for m, x in xs.items()}
     del weights
     torch.cuda.empty_cache()
     wins = all(skinny[m] < cublas[m] for m in xs) and skinny[64] < 0.97 * cublas[64]
-    return {"shape": name, "n": n, "k": k, "config": best.__dict__, "wins": wins,
+    return {"shape": name, "n": n, "k": k, "config": dataclasses.asdict(best), "wins": wins,
             **{f"cublas_us_{m}": cublas[m] for m in xs}, **{f"skinny_us_{m}": skinny[m] for m in xs},
+            "skinny_no_pdl_us_64": no_pdl,
             "cublas_TBps_64": gbytes / cublas[64] * 1e3, "skinny_TBps_64": gbytes / skinny[64] * 1e3}
+
+
+def layer_chain(group: str, configs: dict[str, gemm.SkinnyConfig], layers: int) -> dict:
+    """µs per layer of the four projections in order, each layer its own weights, 64 rows."""
+    shapes = SHAPES[group]
+    weights = [{name: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5
+                for name, (n, k) in shapes.items()} for _ in range(layers)]
+    xs = {name: torch.randn(64, k, dtype=torch.bfloat16, device="cuda") for name, (_, k) in shapes.items()}
+    ways = {"cublas": lambda name, w: F.linear(xs[name], w),
+            "engine": lambda name, w: gemm.linear(xs[name], w),
+            "skinny": lambda name, w: gemm.skinny_linear_triton(xs[name], w, configs[name])}
+    out = {}
+    for label, call in ways.items():
+        fns = [lambda call=call, name=name, w=w: call(name, w) for layer in weights for name, w in layer.items()]
+        out[label] = graph_us(fns) * len(shapes)  # graph_us gives µs per call
+    del weights
+    torch.cuda.empty_cache()
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="tp1,tp2", help="groups of SHAPES to time")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the layer chain (0: skip it)")
     ap.add_argument("--out", default=None, help="folder for gemm.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -87,6 +115,14 @@ def main() -> int:
                   f"(BN{c['block_n']} BK{c['block_k']} split{c['split']} s{c['num_stages']})   "
                   f"{r['cublas_TBps_64']:.2f} | {r['skinny_TBps_64']:.2f}{'  <- wins' if r['wins'] else ''}",
                   flush=True)
+            print(f"{'':>12} skinny at 64 rows without PDL: {r['skinny_no_pdl_us_64']:.1f}", flush=True)
+    chains = {}
+    for group in args.shapes.split(",") if args.layers else []:
+        configs = {r["shape"].split()[1]: gemm.SkinnyConfig(**r["config"]) for r in rows
+                   if r["shape"].startswith(group + " ")}
+        chains[group] = layer_chain(group, configs, args.layers)
+        print(f"{group} layer chain ({args.layers} layers, 64 rows), µs per layer: "
+              + ", ".join(f"{label} {t:.1f}" for label, t in chains[group].items()), flush=True)
     cap = torch.cuda.get_device_capability()
     print(f"\nSKINNY_CONFIGS entries for {torch.cuda.get_device_name()} (capability {cap}):")
     for r in rows:
@@ -96,8 +132,8 @@ def main() -> int:
                   f"{c['num_warps']}, {c['num_stages']}),")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "gemm.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},
-                                                          indent=1))
+        Path(args.out, "gemm.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
+                                                           "layer_chains": chains}, indent=1))
     return 0
 
 

@@ -7,6 +7,11 @@ columns and 1/SPLIT of K, and with SPLIT > 1 the last program to finish a column
 fp32 partials in split order, so the result is deterministic. Which shapes take it, and how, is a table
 measured per device kind (`SKINNY_CONFIGS`, `python -m pdserve.bench.gemm`); every other shape stays on
 cuBLAS.
+
+On Hopper and later the kernel is launched as a programmatic dependent launch (PDL): its programs start
+while the kernel before it in the stream finishes its last wave, and wait (`gdc_wait`) before they touch
+memory, so a short GEMM's launch overlaps its predecessor instead of following it (0.2-0.8 µs a call on
+an H200, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -32,9 +37,14 @@ class SkinnyConfig:
 # (device capability, N, K) -> config, for bf16/fp16 x with up to MAX_ROWS rows; measured with
 # `python -m pdserve.bench.gemm` (docs/benchmarks.md). Shapes absent here run on cuBLAS.
 SKINNY_CONFIGS: dict[tuple[tuple[int, int], int, int], SkinnyConfig] = {
-    # H100/H200 (sm90), measured on an H200: Llama-3-8B's gate/up projection at TP=1 and TP=2 (µs at 64 rows:
-    # 63.4 -> 61.1 and 33.7 -> 31.4). cuBLAS stayed as fast or faster for qkv, o and down at both sizes.
+    # H100/H200 (sm90), measured on an H200 with PDL launches, µs cuBLAS -> skinny at 64 rows: Llama-3-8B's
+    # qkv at TP=1 15.9 -> 15.4, o at TP=1 12.4 -> 11.6 and at TP=2 7.5 -> 7.0, gate/up at TP=1 63.9 -> 61.0
+    # and at TP=2 33.2 -> 30.0. cuBLAS stays for qkv at TP=2 and down at both (within 3% at 64 rows, or
+    # faster at 1 row).
+    ((9, 0), 6144, 4096): SkinnyConfig(64, 128, 1, 4, 6),
+    ((9, 0), 4096, 4096): SkinnyConfig(32, 128, 1, 4, 6),
     ((9, 0), 28672, 4096): SkinnyConfig(128, 128, 1, 4, 4),
+    ((9, 0), 4096, 2048): SkinnyConfig(32, 128, 1, 4, 6),
     ((9, 0), 14336, 4096): SkinnyConfig(128, 128, 1, 4, 4),
 }
 
@@ -47,7 +57,7 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     pn = tl.program_id(0)
     ps = tl.program_id(1)
@@ -57,6 +67,8 @@ def _skinny_gemm_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = ps * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the kernel before has finished: x (and y's memory) are ours
     for k0 in range(k_start, k_end, BK):
         k = k0 + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < k_end),
@@ -111,8 +123,15 @@ def skinny_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return SKINNY_CONFIGS.get((torch.cuda.get_device_capability(x.device), *weight.shape))
 
 
-def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig) -> torch.Tensor:
-    """linear_ref's contract for x of at most MAX_ROWS rows (last dims innermost), by the skinny kernel."""
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm90) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig,
+                         pdl: bool | None = None) -> torch.Tensor:
+    """linear_ref's contract for x of at most MAX_ROWS rows (last dims innermost), by the skinny kernel;
+    `pdl` (None: where the GPU has it) launches it as a programmatic dependent launch."""
     M, K = x.shape
     N = weight.shape[0]
     assert weight.shape == (N, K) and M <= MAX_ROWS, "x [M <= MAX_ROWS, K], weight [N, K]"
@@ -124,10 +143,11 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
     split = triton.cdiv(K, k_per_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part, count = _WORKSPACE.get(x.device, split * bm * N if split > 1 else 1, tiles)
+    pdl = pdl_supported(x.device) if pdl is None else pdl
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split,
-        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 

@@ -59,3 +59,32 @@ def test_skinny_gpu_shapes(n, k, m):
     for split in (1, 2, 4):
         y = gemm.skinny_linear_triton(x, w, gemm.SkinnyConfig(32, 128, split))
         torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("split", [1, 4])
+def test_pdl_launch_waits_for_the_kernel_before(split):
+    """Launched as a programmatic dependent launch (Hopper), replayed from a CUDA graph: each call reads the
+    x that the kernel right before it wrote, and its output is not overwritten by the one after."""
+    if not gemm.pdl_supported(torch.device(DEVICE)):
+        pytest.skip("programmatic dependent launch needs sm90 or later")
+    config = gemm.SkinnyConfig(32, 128, split)
+    w = _inputs(1, 3072, 4096, torch.bfloat16, DEVICE)[1]
+    sources = [_inputs(64, 1, 4096, torch.bfloat16, DEVICE, seed=s)[0] for s in range(4)]
+    x = torch.empty_like(sources[0])
+    outs = [None] * len(sources)
+    graph = torch.cuda.CUDAGraph()
+    gemm.skinny_linear_triton(x, w, config, pdl=True)  # compile outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for i, src in enumerate(sources):
+            x.copy_(src * 2)  # written by the kernel right before the GEMM
+            outs[i] = gemm.skinny_linear_triton(x, w, config, pdl=True)
+    for _ in range(3):
+        x.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for src, y in zip(sources, outs):
+            want = gemm.skinny_linear_triton(src * 2, w, config, pdl=False)
+            assert torch.equal(y, want)  # the same kernel and split order: the same bits
