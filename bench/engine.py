@@ -194,6 +194,8 @@ def main() -> int:
     ap.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default=None, help="folder for engine_tp{N}.json")
+    ap.add_argument("--push-gemm", action="store_true",
+                    help="with --tp N: a second gang whose row-parallel GEMMs push their rows (push_gemm)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("pdserve.bench.engine needs a CUDA GPU", file=sys.stderr)
@@ -209,16 +211,18 @@ def main() -> int:
     ceil = ceilings()
     res, spec = run_single(config, args.context, batches)  # TP=1 always: the in-run baseline for TP=N
     rows = report("pdserve tp1", res, model_amounts(spec, 1), ceil, args.context)
-    if args.tp > 1:
-        res_tp, _ = run_gang(config, args.tp, args.context, batches)
+    gangs = [("", config)] + ([("push", config.model_copy(update={"push_gemm": True}))] if args.push_gemm else [])
+    for suffix, gang_config in gangs if args.tp > 1 else []:
+        name = f"tp{args.tp}{' ' + suffix if suffix else ''}"
+        res_tp, _ = run_gang(gang_config, args.tp, args.context, batches)
         amounts_tp = model_amounts(spec, args.tp)
-        rows += report(f"pdserve tp{args.tp}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
+        rows += report(f"pdserve {name}", res_tp, amounts_tp, ceil, args.context, num_gpus=args.tp)
         path = ("peer memory (one-shot, fused with the add + RMSNorm, logits onto rank 0) for decode, NCCL for "
                 "prefill" if res_tp["symmetric_all_reduce"] else "NCCL only")
-        print(f"tp{args.tp} collectives: {path}")
+        print(f"{name} collectives: {path}")
         for key, label in DECODE_FIGURES:
             for b in batches:
-                rows.append({"engine": f"tp{args.tp}/tp1", "case": f"{label} B={b} time ratio", "ms": float("nan"),
+                rows.append({"engine": f"{name}/tp1", "case": f"{label} B={b} time ratio", "ms": float("nan"),
                              "of_ceiling": res_tp[key][b] / res[key][b]})
     if not args.no_hf:
         hf = hf_baseline(args.model, args.context, batches)

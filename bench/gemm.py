@@ -1,6 +1,7 @@
 """Decode GEMMs: cuBLAS against the skinny kernel (kernels/gemm.py), in CUDA graphs, per weight shape.
 
     python -m pdserve.bench.gemm [--shapes tp1,tp2] [--layers 32] [--out DIR]
+    python -m pdserve.bench.gemm --push [--out DIR]     # the row-parallel GEMMs that push their rows
 
 The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
 Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2
@@ -35,6 +36,7 @@ SHAPES = {
 }
 CANDIDATES = [gemm.SkinnyConfig(bn, 128, split, 4, stages)
               for bn, split, stages in itertools.product((16, 32, 64, 128), (1, 2, 4), (4, 6))]
+PUSH_CANDIDATES = [c for c in CANDIDATES if c.split == 1 and c.block_n <= 64]
 
 
 def graph_us(fns) -> float:
@@ -93,15 +95,90 @@ def layer_chain(group: str, configs: dict[str, gemm.SkinnyConfig], layers: int) 
     return out
 
 
+def push_pairs(rows: int = 64) -> dict:
+    """What a row-parallel GEMM that pushes its rows (`skinny_linear_push_triton`) costs, on one GPU: a gang
+    of two simulated in one stream (each "peer" buffer a local allocation, so the pushed stores cross no
+    NVLink). Per TP=2 row-parallel shape (o, down), µs per call: the GEMM as the engine runs it, the same
+    GEMM pushing its tiles and flags, and the all-reduce after it that then only waits, sums and normalizes
+    (both ranks' GEMMs, then both ranks' all-reduces, per call; the GEMMs' time subtracted); next to it the
+    add + RMSNorm alone (no all-reduce), its floor."""
+    return {f"{name} {'LL' if ll else 'plain'}": _push_pair(rows, *SHAPES["tp2"][name], ll=ll)
+            for name in ("o", "down") for ll in (True, False)}
+
+
+def _push_pair(rows: int, n: int, k: int, ll: bool, world: int = 2) -> dict:
+    from pdserve.kernels import norm
+
+    region = rows * n // 2
+    buffers = [torch.zeros(norm.fused_buffer_bytes(world, region), dtype=torch.uint8, device="cuda")
+               for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
+    epochs = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(world)]
+    res = torch.randn(rows, n, dtype=torch.bfloat16, device="cuda")
+    norm_w = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    copies = max(2, int(600e6 // (n * k * 2)))
+    weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5 for _ in range(copies)]
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    slots = itertools.cycle((0, 1))  # consecutive calls alternate, as the engine's do
+
+    def push(w, rank, slot, config=None):
+        config = config or best
+        return gemm.skinny_linear_push_triton(x, w, config, buffer_ptrs=ptrs, epochs=epochs[rank], slot=slot,
+                                              region_words=region, rank=rank, ll=ll)
+
+    # the pushing kernel's configs (no split K), each timed as rank 0 alone
+    timed = []
+    for config in PUSH_CANDIDATES:
+        try:
+            push(weights[0], 0, 0, config)
+        except OutOfResources:
+            continue
+        timed.append((graph_us([lambda w=w, c=config: push(w, 0, 0, c) for w in weights]), config))
+    pushing, best = min(timed, key=lambda t: t[0])
+    same = graph_us([lambda w=w: gemm.skinny_linear_triton(x, w, best) for w in weights])
+
+    def call(w, with_norm):
+        slot = next(slots)
+        parts = [push(w, r, slot) for r in range(world)]
+        for r, (y, tiles) in enumerate(parts if with_norm else []):
+            norm.all_reduce_add_rms_norm_triton(
+                y, res, norm_w, 1e-5, buffer_ptrs=ptrs, epochs=epochs[r], slot=slot, region_words=region,
+                rank=r, num_programs=norm.MAX_FUSED_PROGRAMS, ll=ll, pushed_tiles=tiles)
+
+    engine = graph_us([lambda w=w: gemm.linear(x, w) for w in weights])
+    gemms = graph_us([lambda w=w: call(w, False) for w in weights])
+    pairs = graph_us([lambda w=w: call(w, True) for w in weights])
+    partial = gemm.linear(x, weights[0])
+    alone = graph_us([lambda: norm.fused_add_rms_norm_triton(partial, res, norm_w, 1e-5)])
+    return {"n": n, "k": k, "config": dataclasses.asdict(best), "gemm_us": engine, "gemm_same_config_us": same,
+            "gemm_push_us": pushing,
+            "pushed_all_reduce_us": (pairs - gemms) / world, "add_rms_norm_us": alone}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="tp1,tp2", help="groups of SHAPES to time")
     ap.add_argument("--layers", type=int, default=32, help="layers of the layer chain (0: skip it)")
     ap.add_argument("--out", default=None, help="folder for gemm.json")
+    ap.add_argument("--push", action="store_true", help="only the GEMMs that push their rows (push_pairs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("pdserve.bench.gemm needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.push:
+        pairs = push_pairs()
+        print("TP=2 row-parallel GEMMs that push their rows, 64 rows, a gang of 2 simulated on one GPU, µs:")
+        print(f"{'shape':>10} {'GEMM (engine)':>14} {'same config':>12} {'GEMM + push':>12} {'pushed all-reduce':>18}"
+              f" {'add+norm alone':>15}  config")
+        for name, r in pairs.items():
+            print(f"{name:>10} {r['gemm_us']:>14.1f} {r['gemm_same_config_us']:>12.1f} {r['gemm_push_us']:>12.1f}"
+                  f" {r['pushed_all_reduce_us']:>18.1f} {r['add_rms_norm_us']:>15.1f}  BN{r['config']['block_n']}"
+                  f" s{r['config']['num_stages']}")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "gemm_push.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                                    "push": pairs}, indent=1))
+        return 0
     rows = []
     print(f"{'shape':>12} {'N':>6} {'K':>6}  µs at 1/16/64 rows: cuBLAS | skinny (best config)   TB/s at 64")
     for group in args.shapes.split(","):

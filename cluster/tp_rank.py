@@ -88,7 +88,7 @@ class TPRank:
 
     def load(self) -> dict:
         device = pick_device(self.config)
-        tp = TPGroup.create(self.rank, self.size, dist.group.WORLD, device)
+        tp = TPGroup.create(self.rank, self.size, dist.group.WORLD, device, push_gemm=self.config.push_gemm)
         spec = load_model_spec(resolve_model(self.config.model))
         self.runner = ModelRunner(self.config, spec, tp, device)
         if self.rank == 0:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
 
-from pdserve.kernels import norm, ops, peer_gather
+from pdserve.kernels import gemm, norm, ops, peer_gather
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ LL_MAX_BYTES = 256 << 10
 # The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
 # Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).
 GATHER_MAX_BYTES = 32 << 20
+# A GEMM that pushes its rows (`push_gemm`) sends them as LL words: the GEMM's epilogue then stores and
+# moves on (no fence, no flag), the doubled bytes crossing NVLink while the other programs stream the weight.
+PUSH_LL = True
 GATHER_PROGRAMS = 512  # a unit (row, 4096 columns) each at B=64: the peer loads are latency-bound
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
@@ -40,8 +43,11 @@ class SymmetricAllReduce:
     any other; every rank must run the same sequence of them (as it must NCCL's).
     """
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = SYMMETRIC_MAX_BYTES):
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = SYMMETRIC_MAX_BYTES,
+                 push_gemm: bool = False):
         self.group_name = group.group_name
+        self.push_gemm = push_gemm  # row-parallel GEMMs push their rows themselves (`linear_add_rms_norm`)
+        self.push_ll = PUSH_LL
         self.max_bytes = max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank, same order
@@ -76,11 +82,12 @@ class SymmetricAllReduce:
         return buf, handle, ptrs, pads
 
     @classmethod
-    def try_create(cls, group: dist.ProcessGroup, device: torch.device) -> SymmetricAllReduce | None:
+    def try_create(cls, group: dist.ProcessGroup, device: torch.device,
+                   push_gemm: bool = False) -> SymmetricAllReduce | None:
         """Collective. The buffer on every rank, or None on every rank (then NCCL does all the
         all-reduces) where peer memory cannot be mapped or a first all-reduce comes out wrong."""
         try:
-            symmetric = cls(group, device)
+            symmetric = cls(group, device, push_gemm=push_gemm)
             works = bool((symmetric(torch.ones(4, device=device)) == group.size()).all())
             shard = torch.full((2, 3), float(group.rank()), device=device)  # rank r's columns hold r
             for _ in range(2):  # twice: the second waits on the tokens the first gave back
@@ -93,6 +100,12 @@ class SymmetricAllReduce:
             for slot in (0, 1, 0, 1):  # each slot's next epoch too; sum of ones = group size, normalized: ones
                 y, total = symmetric.add_rms_norm(ones, zeros, ones[0], 0.0, slot)
                 works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
+            if push_gemm:  # rows of ones again, now out of a GEMM that pushes them (its weight: ones / 64)
+                weight = torch.full((64, 64), 1 / 64, device=device, dtype=torch.bfloat16)
+                if symmetric.can_push(ones, weight, zeros):
+                    for slot in (0, 1, 0, 1):
+                        y, total = symmetric.linear_add_rms_norm(ones, weight, zeros, ones[0], 0.0, slot)
+                        works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
         except RuntimeError as e:
             log.warning("symmetric memory unavailable (%s); all-reduces go through NCCL", e)
             symmetric, works = None, False
@@ -136,6 +149,30 @@ class SymmetricAllReduce:
             region_words=self.region_words, rank=self.rank, num_programs=norm.MAX_FUSED_PROGRAMS,
             ll=x.nbytes <= self.ll_max_bytes)
 
+    def can_push(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `linear_add_rms_norm` takes this projection: pushing on, and a GEMM the pushing kernel runs
+        whose output the fused all-reduce takes."""
+        if not (self.push_gemm and x.is_cuda and gemm.push_config(x, weight) is not None):
+            return False
+        rows = x.shape[0]
+        return (residual.shape == (rows, weight.shape[0]) and residual.dtype == x.dtype
+                and rows * weight.shape[0] * x.element_size() <= self.max_bytes
+                and norm.can_fuse_all_reduce(residual, residual))
+
+    def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                            norm_weight: torch.Tensor, eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rms_norm` of this rank's partial sums x @ weight.T, in two kernels: the GEMM pushes each
+        column tile of its result into the peers' buffers as soon as it is computed (while the rest of the
+        weight still streams in), and the all-reduce after it only waits, sums and normalizes. Same slots,
+        same results (bit for bit) as `add_rms_norm(linear(x, weight), ...)`."""
+        partial, tiles = gemm.skinny_linear_push_triton(
+            x, weight, gemm.push_config(x, weight), buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
+            region_words=self.region_words, rank=self.rank, ll=self.push_ll)
+        return norm.all_reduce_add_rms_norm_triton(
+            partial, residual, norm_weight, eps, buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
+            region_words=self.region_words, rank=self.rank, num_programs=norm.MAX_FUSED_PROGRAMS, ll=self.push_ll,
+            pushed_tiles=tiles)
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -151,10 +188,12 @@ class TPGroup:
     symmetric: SymmetricAllReduce | None = None
 
     @classmethod
-    def create(cls, rank: int, size: int, group: dist.ProcessGroup, device: torch.device) -> TPGroup:
-        """Collective: every rank of `group` calls it, with its own device."""
+    def create(cls, rank: int, size: int, group: dist.ProcessGroup, device: torch.device,
+               push_gemm: bool = False) -> TPGroup:
+        """Collective: every rank of `group` calls it, with its own device (and the same `push_gemm`: see
+        `linear_all_reduce_add_rms_norm`)."""
         fast = size > 1 and device.type == "cuda"
-        return cls(rank, size, group, SymmetricAllReduce.try_create(group, device) if fast else None)
+        return cls(rank, size, group, SymmetricAllReduce.try_create(group, device, push_gemm) if fast else None)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the gang: a new tensor, or `x` itself reduced in place. Use the result."""
@@ -174,6 +213,16 @@ class TPGroup:
         if self.symmetric is not None and self.symmetric.can_fuse(x, residual):
             return self.symmetric.add_rms_norm(x, residual, weight, eps, slot)
         return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def linear_all_reduce_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                                       norm_weight: torch.Tensor, eps: float, slot: int
+                                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row-parallel projection of x (this rank's input shard) and then `all_reduce_add_rms_norm` of its
+        partial sums. Where the gang was created with `push_gemm` and the call is small, the GEMM itself
+        pushes its rows to the peers (`SymmetricAllReduce.linear_add_rms_norm`)."""
+        if self.symmetric is not None and self.symmetric.can_push(x, weight, residual):
+            return self.symmetric.linear_add_rms_norm(x, weight, residual, norm_weight, eps, slot)
+        return self.all_reduce_add_rms_norm(ops.linear(x, weight), residual, norm_weight, eps, slot)
 
     def broadcast_from_first(self, x: torch.Tensor) -> None:
         """Rank 0's `x` into every rank's `x`, in place (NCCL: ordered on the current stream, no host wait)."""

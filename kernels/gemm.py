@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pdserve.kernels.norm import MAX_FUSED_PROGRAMS, fused_flag, fused_plain_region
+
 MAX_ROWS = 64  # the kernel keeps all rows of a tile in one block
 
 
@@ -57,7 +59,9 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
+    buf_ptrs, epochs_ptr, slot, region_words,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    PUSH: tl.constexpr, LL: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
 ):
     pn = tl.program_id(0)
     ps = tl.program_id(1)
@@ -80,6 +84,38 @@ def _skinny_gemm_kernel(
     out = y_ptr + rm[:, None] * N + rn[None, :]
     if SPLIT == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if PUSH and LL:
+            # the tile also goes into every peer's fused all-reduce buffer (kernels/norm.py) while the other
+            # programs still stream the weight, as LL words: two 16-bit values low, the call's epoch high,
+            # each word its own flag (no fence, no flag of its own; the all-reduce after this GEMM polls them)
+            epoch = tl.load(epochs_ptr + slot) + 1
+            lo, hi = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty), [BM, BN // 2, 2]))
+            words = (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32)
+                                                                           & 0xFFFF)
+            packed = (epoch.to(tl.int64) << 32) | words.to(tl.uint32, bitcast=True).to(tl.int64)
+            wn = pn * (BN // 2) + tl.arange(0, BN // 2)
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    dst = tl.load(buf_ptrs + peer).to(tl.pointer_type(tl.int64))
+                    dst += (slot * WORLD + RANK) * region_words
+                    tl.store(dst + rm[:, None] * (N // 2) + wn[None, :], packed,
+                             mask=(rm[:, None] < M) & (wn[None, :] < N // 2))
+        elif PUSH:
+            # the tile also goes, as plain rows, into every peer's fused all-reduce buffer (kernels/norm.py)
+            # while the other programs still stream the weight; then this program's flag on each peer,
+            # released after its stores, which the all-reduce kernel after this GEMM awaits
+            epoch = tl.load(epochs_ptr + slot) + 1
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    rows = tl.load(buf_ptrs + peer).to(tl.pointer_type(y_ptr.dtype.element_ty))
+                    rows += 2 * fused_plain_region(slot, RANK, WORLD, region_words)  # 16-bit values, 2 a word
+                    tl.store(rows + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.debug_barrier()  # every thread's stores happen before the releases below
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    flag = tl.load(buf_ptrs + peer).to(tl.pointer_type(tl.int32))
+                    flag += fused_flag(slot, pn, RANK, WORLD, region_words, MAX_PROGRAMS)
+                    tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
     else:
         # this split's partial, then an arrival on the tile's counter; the last to arrive sums them all in
         # split order (the same bits whichever finished first) and puts the counter back to 0 for the next
@@ -145,11 +181,61 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
     part, count = _WORKSPACE.get(x.device, split * bm * N if split > 1 else 1, tiles)
     pdl = pdl_supported(x.device) if pdl is None else pdl
     _skinny_gemm_kernel[(tiles, split)](
-        x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split,
-        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
+        x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split, count, count, 0, 0,
+        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, PUSH=False, LL=False, RANK=0, WORLD=1,
+        MAX_PROGRAMS=MAX_FUSED_PROGRAMS, num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y
+
+
+# A row-parallel projection whose rows the kernel pushes (`skinny_linear_push_triton`) when SKINNY_CONFIGS
+# has no entry for its shape, or one that splits K (a pushed tile must be final when its program ends).
+PUSH_CONFIG = SkinnyConfig(32, 128, 1, 4, 6)
+
+
+def push_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The config `skinny_linear_push_triton` runs this call with, or None where it cannot take it (more
+    than MAX_ROWS rows, 32-bit values, an odd row length, more column tiles than the flags allow)."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[0] % 2 == 0):
+        return None
+    config = SKINNY_CONFIGS.get((torch.cuda.get_device_capability(x.device), *weight.shape))
+    config = config if config is not None and config.split == 1 else PUSH_CONFIG
+    return config if triton.cdiv(weight.shape[0], config.block_n) <= MAX_FUSED_PROGRAMS else None
+
+
+def skinny_linear_push_triton(
+    x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig, *, buffer_ptrs: torch.Tensor, epochs: torch.Tensor,
+    slot: int, region_words: int, rank: int, ll: bool = True, pdl: bool | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(x @ weight.T, the number of programs that pushed it): linear_ref's contract, and each program also
+    pushes its column tile of the result into every peer's fused all-reduce buffer (`buffer_ptrs`,
+    `epochs`, `slot`, `region_words` as `norm.all_reduce_add_rms_norm_triton` takes them) and sets its
+    flag there, or (`ll`) pushes it as LL words, each its own flag. The all-reduce call that follows on
+    the same slot, with `pushed_tiles` = that number and the same `ll`, then only waits, sums and
+    normalizes: the rows cross NVLink while the GEMM still streams its weight. `config` must not split K
+    (`push_config`); with `ll` its block_n must be even."""
+    M, K = x.shape
+    N = weight.shape[0]
+    world = buffer_ptrs.numel()
+    assert weight.shape == (N, K) and M <= MAX_ROWS and N % 2 == 0, "x [M <= MAX_ROWS, K], weight [N even, K]"
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x, weight: last dim innermost"
+    assert config.split == 1, "a pushed tile must be final: no split K"
+    assert not ll or config.block_n % 2 == 0, "LL words hold two values: block_n even"
+    assert buffer_ptrs.dtype == torch.int64 and 0 <= rank < world and region_words >= M * N // 2, "rows fit a region"
+    assert epochs.dtype == torch.int32 and epochs.shape == (2,) and slot in (0, 1), "a counter per slot"
+    tiles = triton.cdiv(N, config.block_n)
+    assert tiles <= MAX_FUSED_PROGRAMS, f"at most {MAX_FUSED_PROGRAMS} column tiles (one flag each per slot)"
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    pdl = pdl_supported(x.device) if pdl is None else pdl
+    _skinny_gemm_kernel[(tiles, 1)](
+        x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, buffer_ptrs, epochs, slot, region_words,
+        BM=max(16, triton.next_power_of_2(M)), BN=config.block_n, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=True,
+        LL=ll, RANK=rank, WORLD=world, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return y, tiles
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

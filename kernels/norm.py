@@ -104,10 +104,26 @@ def _words(lo, hi, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def fused_plain_region(slot, rank, WORLD: tl.constexpr, region_words):
+    """Where, in int32 words from a fused buffer's start, the plain rows that rank `rank` pushes in calls on
+    `slot` begin (fused_buffer_bytes gives the layout): what the all-reduce kernel and a GEMM that pushes
+    its rows (kernels/gemm.py) both address."""
+    return (4 + slot) * WORLD * region_words + rank * region_words
+
+
+@triton.jit
+def fused_flag(slot, program, rank, WORLD: tl.constexpr, region_words, MAX_PROGRAMS: tl.constexpr):
+    """The int32 word (from a fused buffer's start) of the flag that program `program` of rank `rank` sets
+    on a peer when its plain rows for a call on `slot` have been pushed."""
+    return 6 * WORLD * region_words + (slot * MAX_PROGRAMS + program) * WORLD + rank
+
+
+@triton.jit
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, epochs_ptr, slot, region_words, num_rows, stride_x,
-    stride_r, eps, RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr,
+    stride_r, eps, pushed_tiles, RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr,
     BLOCK: tl.constexpr, DTYPE: tl.constexpr, LL: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+    PUSHED: tl.constexpr, TILES_BLOCK: tl.constexpr,
 ):
     # Every tensor is seen as int32 words of two 16-bit values; a row is N // 2 words. Program p takes rows
     # p, p + P, ... on every rank.
@@ -119,6 +135,10 @@ def _all_reduce_add_rms_norm_kernel(
     # (2) It waits, on its own buffer only, until every peer's rows (LL: every word) carry the epoch, sums
     #     the ranks' rows in rank order in fp32 (the same bits on every rank), adds the residual and
     #     normalizes as _rms_norm_kernel does.
+    # PUSHED: the GEMM that produced x has already pushed its rows (kernels/gemm.py), each of its
+    # `pushed_tiles` programs a column tile, as LL words or plain and followed by its flag; (1) is skipped,
+    # and (2) polls the LL words as ever, or waits on all of every peer's tile flags (each row holds
+    # columns of every tile).
     # The epoch: 1 + this slot's counter (epochs[slot]); program 0 moves the other slot's counter on, which
     # no program of this call reads and the next call (on the other slot) reads only once this one is done.
     # Every rank makes the same calls, so the counters agree; each call on a slot awaits a larger epoch than
@@ -136,9 +156,9 @@ def _all_reduce_add_rms_norm_kernel(
     # Each buffer (see fused_buffer_bytes), in region_words R: LL regions int64 [2, WORLD, R], plain regions
     # int32 [2, WORLD, R], flags int32 [2, MAX_PROGRAMS, WORLD]; LL and plain calls never share a word.
     ll_at = slot * WORLD * region_words  # int64 words
-    plain_at = 4 * WORLD * region_words + ll_at  # int32 words
-    flags = 6 * WORLD * region_words + (slot * MAX_PROGRAMS + pid) * WORLD  # int32 words
-    for i in range(my_rows):
+    plain_at = fused_plain_region(slot, 0, WORLD, region_words)  # int32 words; rank r's rows r * region_words on
+    flags = fused_flag(slot, pid, 0, WORLD, region_words, MAX_PROGRAMS)  # int32 words; rank r's flag r on
+    for i in range(my_rows if not PUSHED else 0):
         row = first + i * nprog
         words = tl.load(x_ptr + row * stride_x + offs, mask=mask)
         for peer in tl.static_range(WORLD):
@@ -151,7 +171,7 @@ def _all_reduce_add_rms_norm_kernel(
                 else:
                     dst = peer_buf.to(tl.pointer_type(tl.int32)) + plain_at + RANK * region_words
                     tl.store(dst + row * HALF + offs, words, mask=mask)
-    if not LL:
+    if not LL and not PUSHED:
         tl.debug_barrier()  # every thread's stores happen before the release below
         for peer in tl.static_range(WORLD):
             if peer != RANK:
@@ -159,7 +179,20 @@ def _all_reduce_add_rms_norm_kernel(
                 tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
     w_lo, w_hi = _halves(tl.load(w_ptr + offs, mask=mask, other=0), DTYPE)
     own = tl.load(buf_ptrs + RANK)
-    if not LL:
+    if PUSHED and not LL:
+        # every tile's flag from every peer: polled with plain (volatile) loads until all hold the epoch, then
+        # read once more by atomics with acquire semantics (adding 0), which pair with the GEMM's releases
+        tiles = tl.arange(0, TILES_BLOCK)
+        tile_flags = own.to(tl.pointer_type(tl.int32)) + fused_flag(slot, tiles, 0, WORLD, region_words, MAX_PROGRAMS)
+        pushed = tiles < pushed_tiles
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                seen = tl.load(tile_flags + peer, mask=pushed, other=epoch, volatile=True)
+                while tl.min((seen == epoch).to(tl.int32), 0) == 0:
+                    seen = tl.load(tile_flags + peer, mask=pushed, other=epoch, volatile=True)
+                tl.atomic_add(tile_flags + peer, 0, mask=pushed, sem="acquire", scope="sys")
+        tl.debug_barrier()  # the acquires above happen before every thread's loads
+    elif not LL:
         own_flags = own.to(tl.pointer_type(tl.int32)) + flags
         for peer in tl.static_range(WORLD):
             if peer != RANK:
@@ -220,6 +253,7 @@ def can_fuse_all_reduce(x: torch.Tensor, residual: torch.Tensor) -> bool:
 def all_reduce_add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, buffer_ptrs: torch.Tensor,
     epochs: torch.Tensor, slot: int, region_words: int, rank: int, num_programs: int, ll: bool,
+    pushed_tiles: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(sum over ranks of x + residual), sum + residual) on every rank, in one launch.
 
@@ -229,7 +263,9 @@ def all_reduce_add_rms_norm_triton(
     with their flags in every 8-byte word (less latency; twice the bytes), or followed by one flag per
     program. Every rank must make the same calls (same shapes, slots, `num_programs`, `ll`), and two calls in
     a row must not use the same slot (a peer may push the next call's rows while this rank still reads the
-    previous ones).
+    previous ones). `pushed_tiles` > 0: x is the output of a GEMM that already pushed its rows into the
+    peers' buffers, from that many programs, as `ll` says (`gemm.skinny_linear_push_triton`, same slot);
+    the kernel then only waits for them, sums and normalizes.
     """
     assert can_fuse_all_reduce(x, residual), "x, residual: 16-bit [T, N], N even, rows of whole 4-byte words"
     n = x.shape[1]
@@ -239,13 +275,16 @@ def all_reduce_add_rms_norm_triton(
     assert x.shape[0] * n // 2 <= region_words, "x does not fit a region"
     assert epochs.dtype == torch.int32 and epochs.shape == (2,) and slot in (0, 1), "a counter per slot"
     assert num_programs <= MAX_FUSED_PROGRAMS, f"at most {MAX_FUSED_PROGRAMS} programs (one flag each per slot)"
+    assert 0 <= pushed_tiles <= MAX_FUSED_PROGRAMS, f"at most {MAX_FUSED_PROGRAMS} pushed tiles"
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(y)
     words = [t.view(torch.int32) for t in (x, residual, weight, y, new_res)]
     block = triton.next_power_of_2(n // 2)
     _all_reduce_add_rms_norm_kernel[(max(1, min(num_programs, x.shape[0])),)](
         *words, buffer_ptrs, epochs, slot, region_words, x.shape[0], words[0].stride(0), words[1].stride(0), eps,
-        RANK=rank, WORLD=world, N=n, BLOCK=block, DTYPE=_PACKED_DTYPES[x.dtype], LL=ll, MAX_PROGRAMS=MAX_FUSED_PROGRAMS,
+        pushed_tiles, RANK=rank, WORLD=world, N=n, BLOCK=block, DTYPE=_PACKED_DTYPES[x.dtype], LL=ll,
+        MAX_PROGRAMS=MAX_FUSED_PROGRAMS, PUSHED=pushed_tiles > 0,
+        TILES_BLOCK=triton.next_power_of_2(max(1, pushed_tiles)),
         num_warps=min(16, max(1, block // 256)),
     )
     return y, new_res

@@ -74,6 +74,10 @@ class DeploymentConfig(_Strict):
     # Plan and enqueue the next step before reading the sampled tokens of the one in flight (the host's work
     # overlaps the device's). None: on where the model runs on a GPU, off on CPU (nothing to overlap there).
     async_scheduling: bool | None = None
+    # TP > 1 on GPUs, small batches: the row-parallel projections' GEMM pushes its rows into the peers'
+    # all-reduce buffers itself, so the all-reduce after it only waits and sums (docs/decisions.md). Off by
+    # default until measured on two GPUs.
+    push_gemm: bool = False
     disaggregated: bool = True
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()

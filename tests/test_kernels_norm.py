@@ -5,7 +5,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from kernel_support import DEVICE, on_gpu, runs_triton
-from pdserve.kernels import norm
+from pdserve.kernels import gemm, norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -153,3 +153,69 @@ def test_can_fuse_all_reduce_needs_whole_16_bit_words():
     assert not norm.can_fuse_all_reduce(x[:, :7], x[:, :7])  # odd row length
     odd = torch.zeros(4, 9, dtype=torch.bfloat16)[:, 1:]  # rows start mid-word
     assert not norm.can_fuse_all_reduce(odd, odd)
+
+
+@runs_triton
+@pytest.mark.parametrize("world,rows,n,slot", [(2, 5, 48, 0), (3, 3, 64, 1)])
+@pytest.mark.parametrize("ll", [True, False])
+def test_gemm_pushed_rows_then_the_all_reduce(world, rows, n, slot, ll):
+    """Every rank of a gang on one device: each rank's row-parallel GEMM pushes its column tiles into the
+    peers' buffers (LL words, or plain with a flag per tile), then each rank's all-reduce only waits, sums
+    and normalizes."""
+    epoch, k = 5, 32
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter's tl.dot has no bf16
+    config = gemm.SkinnyConfig(16, 16, 1, 4, 1)
+    tiles = -(-n // config.block_n)
+    region = rows * n // 2 + 4
+    stale = (epoch - 1) << 32 | (epoch - 1)
+    buffers = [FusedBuffer(world, region, stale, DEVICE) for _ in range(world)]
+    ptrs = torch.tensor([b.words.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
+    epochs = [torch.tensor([epoch - 1, 9] if slot == 0 else [9, epoch - 1], dtype=torch.int32, device=DEVICE)
+              for _ in range(world)]
+    xs = [torch.randn(rows, k, dtype=dtype, device=DEVICE) for _ in range(world)]
+    ws = [torch.randn(n, k, dtype=dtype, device=DEVICE) / 4 for _ in range(world)]
+    res = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+    norm_w = torch.randn(n, dtype=dtype, device=DEVICE)
+    parts = []
+    for r in range(world):
+        y, got_tiles = gemm.skinny_linear_push_triton(xs[r], ws[r], config, buffer_ptrs=ptrs, epochs=epochs[r],
+                                                      slot=slot, region_words=region, rank=r, ll=ll)
+        assert got_tiles == tiles
+        torch.testing.assert_close(y, gemm.linear_ref(xs[r], ws[r]), atol=5e-2, rtol=2e-2)
+        parts.append(y)
+    words = rows * n // 2
+    for r in range(world):
+        want = FusedBuffer(world, region, stale, DEVICE)  # what every peer pushed here, and nothing else
+        for peer in range(world):
+            if peer != r and ll:
+                want.ll[slot, peer, :words] = ll_words(parts[peer], epoch)
+            elif peer != r:
+                want.plain[slot, peer, :words] = parts[peer].view(torch.int32).flatten()
+                want.flags[slot, :tiles, peer] = epoch
+        assert torch.equal(buffers[r].words, want.words)
+    outs = [norm.all_reduce_add_rms_norm_triton(
+        parts[r], res, norm_w, 1e-6, buffer_ptrs=ptrs, epochs=epochs[r], slot=slot, region_words=region, rank=r,
+        num_programs=4, ll=ll, pushed_tiles=tiles) for r in range(world)]
+    for y, new_res in outs[1:]:  # the same bits on every rank
+        assert torch.equal(y, outs[0][0]) and torch.equal(new_res, outs[0][1])
+    want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, norm_w, 1e-6)
+    tol = 4e-2 if DEVICE == "cpu" else 1.6e-2
+    torch.testing.assert_close(outs[0][0], want_y, atol=tol, rtol=tol)
+    res_tol = 2**-6 if DEVICE == "cpu" else 0.0
+    torch.testing.assert_close(outs[0][1], want_res, atol=res_tol, rtol=res_tol)
+    for e in epochs:  # as after an all-reduce that pushed its own rows
+        assert e.tolist() == ([epoch - 1, 10] if slot == 0 else [10, epoch - 1])
+
+
+def test_a_pushing_gemm_refuses_what_it_cannot_push():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    ptrs, epochs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(AssertionError, match="at most 256 pushed tiles"):
+        norm.all_reduce_add_rms_norm_triton(x, x, x[0], 1e-6, buffer_ptrs=ptrs, epochs=epochs, slot=0, region_words=64,
+                                            rank=0, num_programs=2, ll=True, pushed_tiles=257)
+    with pytest.raises(AssertionError, match="no split K"):
+        gemm.skinny_linear_push_triton(x, x, gemm.SkinnyConfig(16, 16, 2), buffer_ptrs=ptrs, epochs=epochs, slot=0,
+                                       region_words=64, rank=0)
+    with pytest.raises(AssertionError, match="LL words hold two values"):
+        gemm.skinny_linear_push_triton(x, x, gemm.SkinnyConfig(15, 16, 1), buffer_ptrs=ptrs, epochs=epochs, slot=0,
+                                       region_words=64, rank=0, ll=True)

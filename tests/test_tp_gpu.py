@@ -52,6 +52,33 @@ def test_tp2_nccl_equals_tp1_and_survives_a_killed_rank(tiny_checkpoints):
         ray.shutdown()
 
 
+def test_tp2_gemm_pushing_its_rows_changes_no_token(tiny_checkpoints):
+    """bf16 TP=2 gangs with and without `push_gemm`: the pushed all-reduce sums the same bits, so the greedy
+    tokens are the same, and every block comes back."""
+    import ray
+
+    from pdserve.cluster.tp_gang import NCCL_ENV, TPGang
+
+    path = tiny_checkpoints["llama-gqa-untied"]
+    prompts = [[5, 9, 33, 7, 100, 3], [11, 12, 13], list(range(3, 60))]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    ray.init(num_gpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": NCCL_ENV})
+    try:
+        outputs = []
+        for push in (False, True):
+            gang = TPGang(load_config(None, model=path, dtype="bfloat16", rank_timeout_s=20, push_gemm=push, **GPU), 2)
+            try:
+                assert gang.symmetric_all_reduce
+                outputs.append(gang.generate(prompts, params))
+                free, total = gang.free_blocks()
+                assert free == total
+            finally:
+                gang.shutdown()
+        assert outputs[0] == outputs[1]
+    finally:
+        ray.shutdown()
+
+
 def _fused_rank(rank: int, port: int) -> None:
     """One rank: the fused all-reduce + add + RMSNorm against the reference, eager and replayed from a
     CUDA graph, with the same bits on both ranks; then the gather of the LM head's shards onto rank 0."""
@@ -90,6 +117,50 @@ def _fused_rank(rank: int, port: int) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed = [sym.add_rms_norm(parts[rank], res, w, 1e-5, k % 2) for k, (parts, res, w) in enumerate(calls)]
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for (y, new_res), (y0, res0) in zip(replayed, eager):
+                assert torch.equal(y, y0) and torch.equal(new_res, res0)
+    # row-parallel GEMMs that push their rows, between calls that do not (the slots alternate across both)
+    from pdserve.kernels import gemm
+
+    for rows, k, ll in [(1, 512, True), (64, 2048, True), (64, 2048, False)]:
+        sym.push_ll = ll
+        def make(seed, *shape):
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+        n = 4096
+        calls = [([make(50 + 10 * c + r, rows, k) for r in range(2)],
+                  [make(55 + 10 * c + r, n, k) / k**0.5 for r in range(2)], make(58 + 10 * c, rows, n),
+                  make(59 + 10 * c, n)) for c in range(4)]
+        config = gemm.push_config(calls[0][0][0], calls[0][1][0])
+
+        def run_calls(calls, config):
+            out = []
+            for c, (xs, ws, res, w) in enumerate(calls):
+                if c % 2:
+                    partial = gemm.skinny_linear_triton(xs[rank], ws[rank], config)
+                    out.append(sym.add_rms_norm(partial, res, w, 1e-5, c % 2))
+                else:
+                    sym.push_gemm = True
+                    assert sym.can_push(xs[rank], ws[rank], res)
+                    out.append(sym.linear_add_rms_norm(xs[rank], ws[rank], res, w, 1e-5, c % 2))
+            return out
+
+        eager = run_calls(calls, config)
+        for (xs, ws, res, w), (y, new_res) in zip(calls, eager):
+            parts = [gemm.skinny_linear_triton(xs[r], ws[r], config) for r in range(2)]  # the pushing kernel's bits
+            want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-5)
+            assert torch.equal(new_res, want_res), rows
+            torch.testing.assert_close(y, want_y, atol=1.6e-2, rtol=1.6e-2)
+            both = torch.empty(2, *y.shape, dtype=y.dtype, device=device)
+            dist.all_gather_into_tensor(both, y)
+            assert torch.equal(both[0], both[1]), "the ranks disagree"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = run_calls(calls, config)
         for _ in range(3):
             graph.replay()
             torch.cuda.synchronize()

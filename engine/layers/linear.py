@@ -80,8 +80,8 @@ class RowParallelLinear(_Linear):
 
     `input_range` ([start, end) of the input features this rank holds) defaults to an even
     split; attention's output projection passes its (possibly uneven) head range.
-    `reduce_results=False` returns this rank's partial sums: the caller reduces them, fused with
-    what follows (`TPGroup.all_reduce_add_rms_norm`).
+    `reduce_results=False`: `forward` returns this rank's partial sums, and `forward_add_norm` reduces
+    them fused with the residual add + RMSNorm that follows.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, bias: bool = False,
@@ -107,3 +107,12 @@ class RowParallelLinear(_Linear):
             return y  # partial sums
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm, slot: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(y + residual), y + residual) for y = this layer's reduced output and `norm` an RMSNorm: the
+        reduction fused with the add + norm (`TPGroup.linear_all_reduce_add_rms_norm`; `slot` as it says)."""
+        assert not self.reduce_results, "a layer that reduces its own output has nothing left to fuse"
+        if self.tp.size == 1:
+            return norm(ops.linear(x, self.weight), residual)
+        return self.tp.linear_all_reduce_add_rms_norm(x, self.weight, residual, norm.weight, norm.eps, slot)

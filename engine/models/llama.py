@@ -49,8 +49,7 @@ class LlamaAttention(nn.Module):
         # NOTE: q, k, v stay strided views of the fused qkv output: rope, the cache store and attention
         # all take rows with any stride (D innermost), so no per-layer copies.
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, -1))  # this rank's partial sums
+        return self.attn(q, k, v, meta).reshape(T, -1)  # [T, Hq * D]: o_proj's input (the layer applies it)
 
 
 class LlamaMLP(nn.Module):
@@ -62,38 +61,28 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # this rank's partial sums
+        return self.act(self.gate_up_proj(x))  # down_proj's input (the layer applies it)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Both row-parallel outputs (attention's and the MLP's) leave their layer unreduced: each is summed
-    over the gang together with the residual add + RMSNorm after it (one kernel on small GPU batches).
-    Slot 0 reduces attention outputs, slot 1 MLP outputs, so consecutive reductions alternate."""
+    """Takes the normalized hidden states and the residual stream; returns them for whatever follows, whose
+    norm (the next layer's input norm, or the model's final one) it is given: each row-parallel projection
+    (o_proj, down_proj) is summed over the gang together with the residual add + RMSNorm after it (one
+    kernel on small GPU batches, and with `push_gemm` the GEMM pushes its rows itself). Slot 0 reduces
+    attention outputs, slot 1 MLP outputs, so consecutive reductions alternate."""
 
     def __init__(self, spec: ModelSpec, tp: TPGroup, max_positions: int):
         super().__init__()
-        self.tp = tp
         self.self_attn = LlamaAttention(spec, tp, max_positions)
         self.mlp = LlamaMLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta):
-        # x: the embeddings (residual None), else the previous layer's MLP partial sums
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = reduce_add_norm(self.tp, x, residual, self.input_layernorm, slot=1)
+    def forward(self, positions, x, residual, meta, next_norm: RMSNorm):
+        # x: input_layernorm(residual); returns (next_norm(residual'), residual')
         x = self.self_attn(positions, x, meta)
-        x, residual = reduce_add_norm(self.tp, x, residual, self.post_attention_layernorm, slot=0)
-        return self.mlp(x), residual
-
-
-def reduce_add_norm(tp: TPGroup, partial: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, slot: int):
-    """(norm(all_reduce(partial) + residual), all_reduce(partial) + residual)."""
-    if tp.size == 1:
-        return norm(partial, residual)
-    return tp.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, slot)
+        x, residual = self.self_attn.o_proj.forward_add_norm(x, residual, self.post_attention_layernorm, slot=0)
+        return self.mlp.down_proj.forward_add_norm(self.mlp(x), residual, next_norm, slot=1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,10 +107,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        x, _ = reduce_add_norm(self.tp, x, residual, self.norm, slot=1)
+        residual = self.embed_tokens(input_ids)
+        x = self.layers[0].input_layernorm(residual)
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, residual = layer(positions, x, residual, meta, following)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
