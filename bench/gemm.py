@@ -2,6 +2,7 @@
 
     python -m pdserve.bench.gemm [--shapes tp1,tp2] [--layers 32] [--out DIR]
     python -m pdserve.bench.gemm --push [--out DIR]     # the row-parallel GEMMs that push their rows
+    python -m pdserve.bench.gemm --gated [--out DIR]    # gate/up with SiLU-and-mul in its epilogue, or not
 
 The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
 Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2
@@ -155,16 +156,50 @@ def _push_pair(rows: int, n: int, k: int, ll: bool, world: int = 2) -> dict:
             "pushed_all_reduce_us": (pairs - gemms) / world, "add_rms_norm_us": alone}
 
 
+def gated(rows=(1, 16, 64)) -> dict:
+    """The gate/up projection and SiLU-and-mul after it: as two kernels (the table's GEMM, then
+    silu_and_mul) and as one (`skinny_linear_silu_and_mul_triton`, same config), µs per call at TP=1 and
+    TP=2 shapes, over enough weight copies that nothing stays in L2."""
+    from pdserve.kernels import ops
+
+    out = {}
+    for group in ("tp1", "tp2"):
+        n, k = SHAPES[group]["gate_up"]
+        copies = max(2, int(600e6 // (n * k * 2)))
+        weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5 for _ in range(copies)]
+        config = gemm.gated_config(torch.empty(1, k, dtype=torch.bfloat16, device="cuda"), weights[0])
+        for m in rows:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            two = graph_us([lambda w=w, x=x: ops.silu_and_mul(gemm.linear(x, w)) for w in weights])
+            one = (graph_us([lambda w=w, x=x, c=config: gemm.skinny_linear_silu_and_mul_triton(x, w, c)
+                             for w in weights]) if config is not None else float("nan"))
+            out[f"{group} gate_up {m}"] = {"n": n, "k": k, "rows": m, "two_kernels_us": two, "fused_us": one}
+        del weights
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="tp1,tp2", help="groups of SHAPES to time")
     ap.add_argument("--layers", type=int, default=32, help="layers of the layer chain (0: skip it)")
     ap.add_argument("--out", default=None, help="folder for gemm.json")
     ap.add_argument("--push", action="store_true", help="only the GEMMs that push their rows (push_pairs)")
+    ap.add_argument("--gated", action="store_true", help="only gate/up with SiLU-and-mul, fused or not")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("pdserve.bench.gemm needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.gated:
+        fused = gated()
+        print("gate/up + SiLU-and-mul, µs per call: two kernels | one")
+        for name, r in fused.items():
+            print(f"{name:>18}  {r['two_kernels_us']:.1f} | {r['fused_us']:.1f}")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "gemm_gated.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                                     "gated": fused}, indent=1))
+        return 0
     if args.push:
         pairs = push_pairs()
         print("TP=2 row-parallel GEMMs that push their rows, 64 rows, a gang of 2 simulated on one GPU, µs:")

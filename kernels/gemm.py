@@ -62,13 +62,17 @@ def _skinny_gemm_kernel(
     buf_ptrs, epochs_ptr, slot, region_words,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     PUSH: tl.constexpr, LL: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+    GATED: tl.constexpr,
 ):
+    # GATED: the weight is [gate; up], 2N rows; each program takes BN columns of both and stores
+    # silu(gate) * up, rounded as silu_and_mul rounds the two GEMM outputs (no split K).
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rm = tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = ps * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if PDL:
@@ -80,9 +84,18 @@ def _skinny_gemm_kernel(
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + k[:, None],
                     mask=(rn[None, :] < N) & (k[:, None] < k_end), other=0.0)
         acc += tl.dot(a, b)
+        if GATED:
+            b_up = tl.load(w_ptr + (rn[None, :] + N).to(tl.int64) * stride_wn + k[:, None],
+                           mask=(rn[None, :] < N) & (k[:, None] < k_end), other=0.0)
+            acc_up += tl.dot(a, b_up)
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     out = y_ptr + rm[:, None] * N + rn[None, :]
-    if SPLIT == 1:
+    if GATED:
+        dtype = y_ptr.dtype.element_ty
+        gate = acc.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)  # as kernels/activation.py
+        tl.store(out, (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype), mask=out_mask)
+    elif SPLIT == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         if PUSH and LL:
             # the tile also goes into every peer's fused all-reduce buffer (kernels/norm.py) while the other
@@ -183,10 +196,39 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split, count, count, 0, 0,
         BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, PUSH=False, LL=False, RANK=0, WORLD=1,
-        MAX_PROGRAMS=MAX_FUSED_PROGRAMS, num_warps=config.num_warps, num_stages=config.num_stages,
+        MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps, num_stages=config.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y
+
+
+def skinny_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig,
+                                      pdl: bool | None = None) -> torch.Tensor:
+    """silu_and_mul(linear_ref(x, weight)) for a merged [gate; up] weight [2I, K], in one kernel: each
+    program reads config.block_n weight rows, half of them gate and half up, and stores silu(gate) * up
+    ([M, I]) with the unfused path's roundings. `config` must not split K."""
+    M, K = x.shape
+    N = weight.shape[0] // 2
+    assert weight.shape == (2 * N, K) and M <= MAX_ROWS, "x [M <= MAX_ROWS, K], weight [2I, K]"
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x, weight: last dim innermost"
+    assert config.split == 1 and config.block_n % 2 == 0, "gated: no split K, block_n even (>= 32 on GPUs)"
+    bn = config.block_n // 2
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    pdl = pdl_supported(x.device) if pdl is None else pdl
+    _skinny_gemm_kernel[(triton.cdiv(N, bn), 1)](
+        x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, y, y, 0, 0,
+        BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=False, LL=False,
+        RANK=0, WORLD=1, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=True, num_warps=config.num_warps,
+        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return y
+
+
+def gated_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The config `skinny_linear_silu_and_mul_triton` runs this merged [gate; up] projection with (the
+    table's, where unsplit), or None (the GEMM, then silu_and_mul)."""
+    config = skinny_config(x, weight)
+    return config if config is not None and config.split == 1 and config.block_n % 32 == 0 else None
 
 
 # A row-parallel projection whose rows the kernel pushes (`skinny_linear_push_triton`) when SKINNY_CONFIGS
@@ -232,7 +274,7 @@ def skinny_linear_push_triton(
     _skinny_gemm_kernel[(tiles, 1)](
         x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, buffer_ptrs, epochs, slot, region_words,
         BM=max(16, triton.next_power_of_2(M)), BN=config.block_n, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=True,
-        LL=ll, RANK=rank, WORLD=world, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, num_warps=config.num_warps,
+        LL=ll, RANK=rank, WORLD=world, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps,
         num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return y, tiles

@@ -5,6 +5,7 @@ Each name keeps its reference's signature and docstring; the family modules hold
 import functools
 from collections.abc import Callable
 
+from pdserve.kernels import gemm
 from pdserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from pdserve.kernels.attention_decode import paged_decode_attention_ref, paged_decode_attention_triton
 from pdserve.kernels.attention_prefill import paged_prefill_attention_ref, paged_prefill_attention_triton
@@ -47,7 +48,19 @@ gather_blocks = _by_device(gather_blocks_triton, gather_blocks_ref)
 gather_blocks_into = _by_device(gather_blocks_into_triton, gather_blocks_into_ref)
 scatter_blocks = _by_device(scatter_blocks_triton, scatter_blocks_ref)
 
+
+
+def linear_silu_and_mul(x, weight):
+    """silu_and_mul(linear(x, weight)) for a merged [gate; up] weight [2I, K]: one skinny kernel where the
+    GEMM table has an unsplit config for the shape (decode-sized CUDA x), the two calls otherwise."""
+    config = gemm.gated_config(x, weight)
+    if config is None:
+        return silu_and_mul(linear(x, weight))
+    return gemm.skinny_linear_silu_and_mul_triton(x, weight, config)
+
+
 __all__ = [
-    "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "paged_decode_attention",
+    "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "linear_silu_and_mul",
+    "paged_decode_attention",
     "paged_prefill_attention", "rms_norm", "rope", "scatter_blocks", "silu_and_mul", "store_kv",
 ]

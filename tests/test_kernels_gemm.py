@@ -1,9 +1,13 @@
-"""The skinny decode GEMM against torch, on odd shapes, split and unsplit."""
+"""The skinny decode GEMM against torch, on odd shapes, split and unsplit; and fused with SiLU-and-mul."""
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernel_support import DEVICE, on_gpu, runs_triton
-from pdserve.kernels import gemm
+from pdserve.kernels import gemm, ops
+from pdserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 
 # Triton's interpreter multiplies bf16 tiles wrongly in tl.dot (fp16 is right): bf16 runs on GPUs only.
 DTYPES = [torch.float16] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
@@ -88,3 +92,28 @@ def test_pdl_launch_waits_for_the_kernel_before(split):
         for src, y in zip(sources, outs):
             want = gemm.skinny_linear_triton(src * 2, w, config, pdl=False)
             assert torch.equal(y, want)  # the same kernel and split order: the same bits
+
+
+@runs_triton
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gated_skinny_is_the_gemm_then_silu_and_mul(m):
+    inter, k = 40, 72  # neither a multiple of the blocks below
+    dtype = DTYPES[0]
+    x, w = _inputs(m, 2 * inter, k, dtype, DEVICE)
+    config = gemm.SkinnyConfig(block_n=32, block_k=16, split=1, num_warps=1, num_stages=2)  # 16 + 16 rows
+    y = gemm.skinny_linear_silu_and_mul_triton(x, w, config)
+    gate_up = (x.float() @ w.float().T).to(dtype)  # fp32 accumulation, rounded once
+    want = silu_and_mul_ref(gate_up)
+    assert y.shape == (m, inter) and y.dtype == dtype
+    torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
+    if DEVICE == "cuda":  # the unfused path's bits: the same GEMM tile sums, the same roundings
+        unfused = silu_and_mul_triton(gemm.skinny_linear_triton(x, w, dataclasses.replace(config, block_n=16)))
+        assert torch.equal(y, unfused)
+    with pytest.raises(AssertionError, match="gated: no split K"):
+        gemm.skinny_linear_silu_and_mul_triton(x, w, dataclasses.replace(config, split=2))
+
+
+def test_linear_silu_and_mul_is_the_two_calls_where_no_config_applies():
+    x, w = torch.randn(3, 8), torch.randn(12, 8)
+    assert gemm.gated_config(x, w) is None
+    assert torch.equal(ops.linear_silu_and_mul(x, w), silu_and_mul_ref(F.linear(x, w)))

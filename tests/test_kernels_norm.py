@@ -219,3 +219,53 @@ def test_a_pushing_gemm_refuses_what_it_cannot_push():
     with pytest.raises(AssertionError, match="LL words hold two values"):
         gemm.skinny_linear_push_triton(x, x, gemm.SkinnyConfig(15, 16, 1), buffer_ptrs=ptrs, epochs=epochs, slot=0,
                                        region_words=64, rank=0, ll=True)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("ll", [True, False])
+def test_gemm_pushed_rows_replayed_from_a_graph(ll):
+    """A gang of two simulated on one GPU runs four pushed calls (slots alternating) eagerly, then the same
+    calls captured in a CUDA graph and replayed: the epochs live on the device, so every replay awaits
+    fresh words and flags and gives the eager bits."""
+    world, rows, n, k = 2, 64, 4096, 2048
+    region = rows * n // 2
+    buffers = [torch.zeros(norm.fused_buffer_bytes(world, region) // 8, dtype=torch.int64, device="cuda")
+               for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
+    epochs = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(world)]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    calls = [([torch.randn(rows, k, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(world)],
+              [torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(world)],
+              torch.randn(rows, n, generator=gen, device="cuda", dtype=torch.bfloat16),
+              torch.randn(n, generator=gen, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+    config = gemm.push_config(calls[0][0][0], calls[0][1][0])
+
+    def run():
+        out = []
+        for c, (xs, ws, res, w) in enumerate(calls):
+            pushed = [gemm.skinny_linear_push_triton(xs[r], ws[r], config, buffer_ptrs=ptrs, epochs=epochs[r],
+                                                     slot=c % 2, region_words=region, rank=r, ll=ll)
+                      for r in range(world)]
+            out.append([norm.all_reduce_add_rms_norm_triton(
+                y, res, w, 1e-5, buffer_ptrs=ptrs, epochs=epochs[r], slot=c % 2, region_words=region, rank=r,
+                num_programs=norm.MAX_FUSED_PROGRAMS, ll=ll, pushed_tiles=tiles)
+                for r, (y, tiles) in enumerate(pushed)])
+        return out
+
+    eager = run()
+    for (xs, ws, res, w), ranks in zip(calls, eager):
+        parts = [gemm.skinny_linear_triton(xs[r], ws[r], config) for r in range(world)]
+        want_y, want_res = norm.all_reduce_add_rms_norm_ref(parts, res, w, 1e-5)
+        for y, new_res in ranks:
+            assert torch.equal(new_res, want_res) and torch.equal(y, ranks[0][0])
+            torch.testing.assert_close(y, want_y, atol=1.6e-2, rtol=1.6e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for ranks, ranks0 in zip(replayed, eager):
+            for (y, new_res), (y0, res0) in zip(ranks, ranks0):
+                assert torch.equal(y, y0) and torch.equal(new_res, res0)

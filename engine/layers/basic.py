@@ -1,4 +1,4 @@
-"""Small layers around the kernels: RMSNorm (with fused residual add), RoPE, SiLU-and-mul."""
+"""Small layers around the kernels: RMSNorm (with fused residual add), RoPE."""
 from __future__ import annotations
 
 import torch
@@ -29,8 +29,3 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         return ops.rope(q, k, positions, self.cos_sin_cache)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.silu_and_mul(x)

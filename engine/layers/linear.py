@@ -48,6 +48,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.out_sizes[:shard_id]) // self.tp.size
         copy_into(param[offset : offset + size], narrow(loaded, 0, self.tp.rank * size, size))
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a [gate; up] projection: one kernel for decode-sized GPU batches."""
+        assert len(self.out_sizes) == 2 and self.out_sizes[0] == self.out_sizes[1], "a [gate; up] projection"
+        if self.bias is not None:
+            return ops.silu_and_mul(ops.linear(x, self.weight, self.bias))
+        return ops.linear_silu_and_mul(x, self.weight)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V in one GEMM. Each rank holds whole KV heads and the query heads they serve

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.layers.attention import Attention, AttentionMetadata
-from pdserve.engine.layers.basic import RMSNorm, RotaryEmbedding, SiluAndMul
+from pdserve.engine.layers.basic import RMSNorm, RotaryEmbedding
 from pdserve.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pdserve.engine.layers.linear import (
     MergedColumnParallelLinear,
@@ -58,10 +58,9 @@ class LlamaMLP(nn.Module):
         inter = spec.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [inter, inter], tp)
         self.down_proj = RowParallelLinear(inter, spec.hidden_size, tp, reduce_results=False)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.gate_up_proj(x))  # down_proj's input (the layer applies it)
+        return self.gate_up_proj.forward_silu_and_mul(x)  # down_proj's input (the layer applies it)
 
 
 class LlamaDecoderLayer(nn.Module):
