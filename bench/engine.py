@@ -194,6 +194,8 @@ def main() -> int:
     ap.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default=None, help="folder for engine_tp{N}.json")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch every kernel plainly (kernels/launch.py; the in-process TP=1 engine only)")
     ap.add_argument("--push-gemm", action="store_true",
                     help="with --tp N: a second gang whose row-parallel GEMMs push their rows (push_gemm)")
     args = ap.parse_args()
@@ -201,6 +203,9 @@ def main() -> int:
         print("pdserve.bench.engine needs a CUDA GPU", file=sys.stderr)
         return 2
     from pdserve.bench.kernels import ceilings
+    from pdserve.kernels import launch
+
+    launch.USE_PDL = not args.no_pdl
 
     batches = [int(b) for b in args.batches.split(",")]
     # synthetic steps give each sequence whole blocks; the loop's requests grow by up to LOOP_STEPS + 16 tokens

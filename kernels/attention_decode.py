@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch import pdl_kwargs, pdl_supported
+
 LOG2E = math.log2(math.e)
 
 
@@ -91,9 +93,11 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_kt, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # kernels/launch.py
     ctx = tl.load(lens_ptr + b)
     lo = tl.maximum(ctx - window, 0) if USE_WINDOW else 0
     # Each sequence's own range is cut into num_splits tile-aligned slices: balanced for any length.
@@ -148,9 +152,11 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # kernels/launch.py
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
@@ -214,6 +220,7 @@ def paged_decode_attention_triton(
     else:  # never touched: the one slice writes out
         part = lse = out
     block_d = triton.next_power_of_2(head_dim)
+    pdl = pdl_supported(q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse, out,
         scale * LOG2E, sliding_window or 0, num_splits,
@@ -221,13 +228,14 @@ def paged_decode_attention_triton(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, USE_WINDOW=sliding_window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"],
-        DOT_FP32=not q.is_cuda, SPLIT=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_FP32=not q.is_cuda, SPLIT=split, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(pdl),
     )
     if not split:
         return out
     _decode_merge_kernel[(batch, num_heads)](
         part, lse, out, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, num_warps=4,
+        **pdl_kwargs(pdl),
     )
     return out

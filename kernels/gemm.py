@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch import pdl_kwargs, pdl_supported
 from pdserve.kernels.norm import MAX_FUSED_PROGRAMS, fused_flag, fused_plain_region
 
 MAX_ROWS = 64  # the kernel keeps all rows of a tile in one block
@@ -172,11 +173,6 @@ def skinny_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     return SKINNY_CONFIGS.get((torch.cuda.get_device_capability(x.device), *weight.shape))
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm90) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig,
                          pdl: bool | None = None) -> torch.Tensor:
     """linear_ref's contract for x of at most MAX_ROWS rows (last dims innermost), by the skinny kernel;
@@ -197,7 +193,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
         x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split, count, count, 0, 0,
         BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, PUSH=False, LL=False, RANK=0, WORLD=1,
         MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl_kwargs(pdl),
     )
     return y
 
@@ -219,7 +215,7 @@ def skinny_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, con
         x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, y, y, 0, 0,
         BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=False, LL=False,
         RANK=0, WORLD=1, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=True, num_warps=config.num_warps,
-        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
+        num_stages=config.num_stages, **pdl_kwargs(pdl),
     )
     return y
 
@@ -275,7 +271,7 @@ def skinny_linear_push_triton(
         x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, buffer_ptrs, epochs, slot, region_words,
         BM=max(16, triton.next_power_of_2(M)), BN=config.block_n, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=True,
         LL=ll, RANK=rank, WORLD=world, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps,
-        num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
+        num_stages=config.num_stages, **pdl_kwargs(pdl),
     )
     return y, tiles
 

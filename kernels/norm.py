@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch import pdl_kwargs, pdl_supported
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / rms(x)) over the last dim; the statistics in fp32, then cast back as HF does."""
@@ -22,10 +24,12 @@ def fused_add_rms_norm_ref(
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, stride_x, stride_r, eps,
-    N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per row; y and new_res are contiguous [M, N]. Rounding points follow the HF reference.
     row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # kernels/launch.py
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
     dtype = y_ptr.dtype.element_ty
@@ -56,9 +60,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         assert res_rows.stride(-1) == 1, "residual: last dim innermost"
         new_res = torch.empty_like(y)
     block = triton.next_power_of_2(n)
+    pdl = pdl_supported(x.device)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res_rows, weight, y, new_res, rows.stride(0), res_rows.stride(0), eps,
-        N=n, HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=min(16, max(1, block // 512)),
+        N=n, HAS_RESIDUAL=residual is not None, BLOCK_N=block, PDL=pdl, num_warps=min(16, max(1, block // 512)),
+        **pdl_kwargs(pdl),
     )
     return y, new_res
 
@@ -123,7 +129,7 @@ def _all_reduce_add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, buf_ptrs, epochs_ptr, slot, region_words, num_rows, stride_x,
     stride_r, eps, pushed_tiles, RANK: tl.constexpr, WORLD: tl.constexpr, N: tl.constexpr,
     BLOCK: tl.constexpr, DTYPE: tl.constexpr, LL: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
-    PUSHED: tl.constexpr, TILES_BLOCK: tl.constexpr,
+    PUSHED: tl.constexpr, TILES_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     # Every tensor is seen as int32 words of two 16-bit values; a row is N // 2 words. Program p takes rows
     # p, p + P, ... on every rank.
@@ -146,6 +152,8 @@ def _all_reduce_add_rms_norm_kernel(
     # as it is.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # kernels/launch.py: x (the kernel before's output) is complete
     first = pid.to(tl.int64)
     my_rows = tl.cdiv(num_rows - pid, nprog)
     HALF: tl.constexpr = N // 2
@@ -280,11 +288,12 @@ def all_reduce_add_rms_norm_triton(
     new_res = torch.empty_like(y)
     words = [t.view(torch.int32) for t in (x, residual, weight, y, new_res)]
     block = triton.next_power_of_2(n // 2)
+    pdl = pdl_supported(x.device)
     _all_reduce_add_rms_norm_kernel[(max(1, min(num_programs, x.shape[0])),)](
         *words, buffer_ptrs, epochs, slot, region_words, x.shape[0], words[0].stride(0), words[1].stride(0), eps,
         pushed_tiles, RANK=rank, WORLD=world, N=n, BLOCK=block, DTYPE=_PACKED_DTYPES[x.dtype], LL=ll,
         MAX_PROGRAMS=MAX_FUSED_PROGRAMS, PUSHED=pushed_tiles > 0,
-        TILES_BLOCK=triton.next_power_of_2(max(1, pushed_tiles)),
-        num_warps=min(16, max(1, block // 256)),
+        TILES_BLOCK=triton.next_power_of_2(max(1, pushed_tiles)), PDL=pdl,
+        num_warps=min(16, max(1, block // 256)), **pdl_kwargs(pdl),
     )
     return y, new_res

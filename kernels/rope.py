@@ -5,6 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.launch import pdl_kwargs, pdl_supported
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     # Same arithmetic as transformers' rope init functions, so tables match bit for bit.
@@ -79,6 +82,7 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.c
     o2 = (x2 * cos[None, :]).to(dtype).to(tl.float32) + (x1 * sin[None, :]).to(dtype).to(tl.float32)
     tl.store(ptr1, o1.to(dtype), mask=mask)
     tl.store(ptr1 + HALF, o2.to(dtype), mask=mask)
+    return o1.to(dtype), o2.to(dtype)
 
 
 @triton.jit
@@ -116,5 +120,85 @@ def rope_triton(
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )
+    return q, k
+
+
+def rope_store_kv_ref(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, D] fp32
+    k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
+    v_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_ref(q, k, ...) in place, then store_kv_ref of the rotated k and of v; returns (q, k)."""
+    q, k = rope_ref(q, k, positions, cos_sin_cache)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c, stride_cn, stride_ch, stride_ct,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+):
+    # One program per token: _rope_kernel's rotation of its q and k heads (in place), and _store_kv_kernel's
+    # write of the rotated k and of v into the token's cache slot.
+    t = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the kernel before (the qkv projection) has finished
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, BLOCK_HALF)
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cache_ptr + pos * stride_c + offs, mask=offs < HALF).to(dtype).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + offs, mask=offs < HALF).to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t)
+    offs_h = tl.arange(0, BLOCK_KH)
+    mask = (offs_h < NUM_K_HEADS)[:, None] & (offs < HALF)[None, :]
+    dst = (slot // BLOCK_SIZE) * stride_cn + (slot % BLOCK_SIZE) * stride_ct + offs_h[:, None] * stride_ch
+    dst = dst + offs[None, :]
+    tl.store(k_cache_ptr + dst, k1, mask=mask)
+    tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+    src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs[None, :]
+    tl.store(v_cache_ptr + dst, tl.load(src, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst + HALF, tl.load(src + HALF, mask=mask), mask=mask)
+
+
+def rope_store_kv_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton rope_store_kv (same contract as the ref), one kernel; q/k/v may be strided views of a fused
+    qkv output. On Hopper it is launched as a programmatic dependent launch (kernels/launch.py)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, "k: [T, Hkv, D] like q"
+    assert v.shape == k.shape and v.stride(-1) == 1 and v.dtype == k.dtype, "v: [T, Hkv, D] like k"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == k.dtype, "q/k: D innermost, one dtype"
+    assert head_dim % 2 == 0, "head_dim: even"
+    assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == head_dim, "cos_sin_cache: [max_pos, D]"
+    assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(-1) == 1, "cos_sin_cache: fp32"
+    assert positions.shape == (num_tokens,) and positions.dtype == torch.int64, "positions: [T] int64"
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k/v cache: same layout"
+    assert k_cache.dim() == 4 and k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == head_dim, (
+        f"cache {tuple(k_cache.shape)} is not [num_blocks, {k.shape[1]}, block_size, {head_dim}]")
+    assert k_cache.stride(-1) == 1 and k_cache.dtype == k.dtype, "k/v cache: D innermost, k's dtype"
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64, "slot_mapping: [T] int64"
+    assert len({t.device for t in (q, k, v, positions, cos_sin_cache, k_cache, slot_mapping)}) == 1, "one device"
+    half = head_dim // 2
+    pdl = pdl_supported(q.device)
+    _rope_store_kv_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[2],
+        BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **pdl_kwargs(pdl),
     )
     return q, k

@@ -87,3 +87,52 @@ def test_triton(hq, hkv, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu(dtype):
     check(4096, 32, 8, 128, dtype, DEVICE)
+
+
+def check_with_store(num_tokens, hq, hkv, d, block_size, dtype, device):
+    """rope + the cache store in one kernel: q and k rotated in place in one fused qkv tensor, the rotated k
+    and v written to their (scattered) slots, every other cache slot untouched; the same bits as the rope
+    kernel followed by the store kernel."""
+    from pdserve.kernels import kv_store
+
+    cache = rope.build_cos_sin_cache(d, 4096, 500000.0, SCALINGS[2]).to(device)
+    positions = torch.randint(0, 4096, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    num_blocks = 2 * num_tokens // block_size + 2
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    caches = torch.randn(2, num_blocks, hkv, block_size, d, dtype=dtype, device=device)
+
+    def views(t):
+        return (t[:, : hq * d].view(-1, hq, d), t[:, hq * d : (hq + hkv) * d].view(-1, hkv, d),
+                t[:, (hq + hkv) * d :].view(-1, hkv, d))
+
+    want, want_caches = qkv.clone(), caches.clone()
+    rope.rope_store_kv_ref(*views(want), positions, cache, want_caches[0], want_caches[1], slots)
+    two, two_caches = qkv.clone(), caches.clone()
+    rope.rope_triton(*views(two)[:2], positions, cache)
+    kv_store.store_kv_triton(*views(two)[1:], two_caches[0], two_caches[1], slots)
+    rope.rope_store_kv_triton(*views(qkv), positions, cache, caches[0], caches[1], slots)
+    assert torch.equal(qkv, two) and torch.equal(caches, two_caches)  # the two kernels' bits
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2**-4, torch.float16: 2**-7}[dtype]  # as `check`
+    torch.testing.assert_close(qkv, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches, want_caches, atol=tol, rtol=tol)
+
+
+@runs_triton
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_kv(hq, hkv, dtype):
+    check_with_store(5, hq, hkv, 16, 4, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_store_kv_gpu(dtype):
+    check_with_store(300, 32, 8, 128, 16, dtype, DEVICE)
+
+
+def test_ops_rope_store_kv_is_the_reference_on_cpu():
+    from pdserve.kernels import ops
+
+    assert ops.rope_store_kv.__doc__ == rope.rope_store_kv_ref.__doc__

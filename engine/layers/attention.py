@@ -28,10 +28,15 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, Hkv, block_size, D], bound by the runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. rotary: (positions [T], cos_sin_cache) to rotate q
+        # and k by first, in place, in the same kernel that stores k and v into the cache.
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rotary is None:
+            ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            q, k = ops.rope_store_kv(q, k, v, *rotary, k_cache, v_cache, meta.slot_mapping)
         if meta.decode_only:
             return ops.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window

@@ -46,10 +46,10 @@ class LlamaAttention(nn.Module):
         q, k, v = q.reshape(T, -1, d), k.reshape(T, -1, d), v.reshape(T, -1, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # NOTE: q, k, v stay strided views of the fused qkv output: rope, the cache store and attention
-        # all take rows with any stride (D innermost), so no per-layer copies.
-        q, k = self.rotary(positions, q, k)
-        return self.attn(q, k, v, meta).reshape(T, -1)  # [T, Hq * D]: o_proj's input (the layer applies it)
+        # NOTE: q, k, v stay strided views of the fused qkv output: rope with the cache store (one kernel)
+        # and attention take rows with any stride (D innermost), so no per-layer copies.
+        out = self.attn(q, k, v, meta, rotary=(positions, self.rotary.cos_sin_cache))
+        return out.reshape(T, -1)  # [T, Hq * D]: o_proj's input (the layer applies it)
 
 
 class LlamaMLP(nn.Module):
