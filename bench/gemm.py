@@ -38,6 +38,9 @@ SHAPES = {
 CANDIDATES = [gemm.SkinnyConfig(bn, 128, split, 4, stages)
               for bn, split, stages in itertools.product((16, 32, 64, 128), (1, 2, 4), (4, 6))]
 PUSH_CANDIDATES = [c for c in CANDIDATES if c.split == 1 and c.block_n <= 64]
+# --wide: other K blocks and 8 warps besides
+WIDE = [gemm.SkinnyConfig(bn, bk, split, warps, 4)
+        for bn, bk, split, warps in itertools.product((32, 64), (64, 256), (1, 2), (4, 8))]
 
 
 def graph_us(fns) -> float:
@@ -48,7 +51,7 @@ def graph_us(fns) -> float:
     return kernel_bench.graph_us(lambda: [f() for _ in range(4) for f in fns], 4 * len(fns), replays=10)
 
 
-def measure(name: str, n: int, k: int) -> dict:
+def measure(name: str, n: int, k: int, candidates=CANDIDATES) -> dict:
     copies = max(2, int(600e6 // (n * k * 2)))
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5 for _ in range(copies)]
     gbytes = n * k * 2 / 1e9
@@ -56,7 +59,7 @@ def measure(name: str, n: int, k: int) -> dict:
     cublas = {m: graph_us([lambda w=w, x=x: F.linear(x, w) for w in weights]) for m, x in xs.items()}
     want = F.linear(xs[64].float(), weights[0].float())
     timed = []
-    for config in CANDIDATES:
+    for config in candidates:
         try:
             y = gemm.skinny_linear_triton(xs[64], weights[0], config)
         except OutOfResources:  # too many stages of too large blocks for shared memory
@@ -96,18 +99,19 @@ def layer_chain(group: str, configs: dict[str, gemm.SkinnyConfig], layers: int) 
     return out
 
 
-def push_pairs(rows: int = 64) -> dict:
+def push_pairs(rows: int = 64, wide: bool = False) -> dict:
     """What a row-parallel GEMM that pushes its rows (`skinny_linear_push_triton`) costs, on one GPU: a gang
     of two simulated in one stream (each "peer" buffer a local allocation, so the pushed stores cross no
     NVLink). Per TP=2 row-parallel shape (o, down), µs per call: the GEMM as the engine runs it, the same
     GEMM pushing its tiles and flags, and the all-reduce after it that then only waits, sums and normalizes
     (both ranks' GEMMs, then both ranks' all-reduces, per call; the GEMMs' time subtracted); next to it the
     add + RMSNorm alone (no all-reduce), its floor."""
-    return {f"{name} {'LL' if ll else 'plain'}": _push_pair(rows, *SHAPES["tp2"][name], ll=ll)
-            for name in ("o", "down") for ll in (True, False)}
+    push_candidates = PUSH_CANDIDATES + ([c for c in WIDE if c.split == 1] if wide else [])
+    return {f"{name} {'LL' if ll else 'plain'}": _push_pair(rows, *SHAPES["tp2"][name], ll, push_candidates)
+            for name in ("o", "down") for ll in ((True,) if wide else (True, False))}
 
 
-def _push_pair(rows: int, n: int, k: int, ll: bool, world: int = 2) -> dict:
+def _push_pair(rows: int, n: int, k: int, ll: bool, push_candidates, world: int = 2) -> dict:
     from pdserve.kernels import norm
 
     region = rows * n // 2
@@ -129,7 +133,7 @@ def _push_pair(rows: int, n: int, k: int, ll: bool, world: int = 2) -> dict:
 
     # the pushing kernel's configs (no split K), each timed as rank 0 alone
     timed = []
-    for config in PUSH_CANDIDATES:
+    for config in push_candidates:
         try:
             push(weights[0], 0, 0, config)
         except OutOfResources:
@@ -186,6 +190,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="folder for gemm.json")
     ap.add_argument("--push", action="store_true", help="only the GEMMs that push their rows (push_pairs)")
     ap.add_argument("--gated", action="store_true", help="only gate/up with SiLU-and-mul, fused or not")
+    ap.add_argument("--wide", action="store_true", help="also K blocks of 64 and 256 and 8 warps")
+    ap.add_argument("--only", default=None, help="projections to time (qkv,o,gate_up,down; default all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("pdserve.bench.gemm needs a CUDA GPU", file=sys.stderr)
@@ -201,14 +207,14 @@ def main() -> int:
                                                                      "gated": fused}, indent=1))
         return 0
     if args.push:
-        pairs = push_pairs()
+        pairs = push_pairs(wide=args.wide)
         print("TP=2 row-parallel GEMMs that push their rows, 64 rows, a gang of 2 simulated on one GPU, µs:")
         print(f"{'shape':>10} {'GEMM (engine)':>14} {'same config':>12} {'GEMM + push':>12} {'pushed all-reduce':>18}"
               f" {'add+norm alone':>15}  config")
         for name, r in pairs.items():
             print(f"{name:>10} {r['gemm_us']:>14.1f} {r['gemm_same_config_us']:>12.1f} {r['gemm_push_us']:>12.1f}"
                   f" {r['pushed_all_reduce_us']:>18.1f} {r['add_rms_norm_us']:>15.1f}  BN{r['config']['block_n']}"
-                  f" s{r['config']['num_stages']}")
+                  f" BK{r['config']['block_k']} w{r['config']['num_warps']} s{r['config']['num_stages']}")
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "gemm_push.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
@@ -218,13 +224,15 @@ def main() -> int:
     print(f"{'shape':>12} {'N':>6} {'K':>6}  µs at 1/16/64 rows: cuBLAS | skinny (best config)   TB/s at 64")
     for group in args.shapes.split(","):
         for name, (n, k) in SHAPES[group].items():
-            r = measure(f"{group} {name}", n, k)
+            if args.only and name not in args.only.split(","):
+                continue
+            r = measure(f"{group} {name}", n, k, CANDIDATES + (WIDE if args.wide else []))
             rows.append(r)
             c = r["config"]
             print(f"{r['shape']:>12} {n:>6} {k:>6}  "
                   f"{r['cublas_us_1']:.1f}/{r['cublas_us_16']:.1f}/{r['cublas_us_64']:.1f}"
                   f" | {r['skinny_us_1']:.1f}/{r['skinny_us_16']:.1f}/{r['skinny_us_64']:.1f} "
-                  f"(BN{c['block_n']} BK{c['block_k']} split{c['split']} s{c['num_stages']})   "
+                  f"(BN{c['block_n']} BK{c['block_k']} split{c['split']} w{c['num_warps']} s{c['num_stages']})   "
                   f"{r['cublas_TBps_64']:.2f} | {r['skinny_TBps_64']:.2f}{'  <- wins' if r['wins'] else ''}",
                   flush=True)
             print(f"{'':>12} skinny at 64 rows without PDL: {r['skinny_no_pdl_us_64']:.1f}", flush=True)
