@@ -193,6 +193,8 @@ class TPGroup:
         """Collective: every rank of `group` calls it, with its own device (and the same `push_gemm`: see
         `linear_all_reduce_add_rms_norm`)."""
         fast = size > 1 and device.type == "cuda"
+        if push_gemm and not fast and rank == 0:
+            log.info("push_gemm applies to GPU gangs of two or more ranks: ignored (%s, tp_size %d)", device.type, size)
         return cls(rank, size, group, SymmetricAllReduce.try_create(group, device, push_gemm) if fast else None)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

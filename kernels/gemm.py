@@ -12,6 +12,11 @@ On Hopper and later the kernel is launched as a programmatic dependent launch (P
 while the kernel before it in the stream finishes its last wave, and wait (`gdc_wait`) before they touch
 memory, so a short GEMM's launch overlaps its predecessor instead of following it (0.2-0.8 µs a call on
 an H200, docs/benchmarks.md).
+
+Two epilogues ride on the same kernel: SiLU-and-mul for a merged [gate; up] weight (each program takes
+matching gate and up rows and stores silu(gate) * up: `skinny_linear_silu_and_mul_triton`), and, for a
+tensor-parallel gang's row-parallel projections, a push of each finished tile into the peers' fused
+all-reduce buffers (`skinny_linear_push_triton`, kernels/norm.py), so the all-reduce after it only waits.
 """
 from __future__ import annotations
 
