@@ -12,6 +12,10 @@ sampling and reading the tokens, with asynchronous scheduling on: what a serving
 step costs). Prefill: 8 x 2048 new tokens in one step; model FLOPs (2 per weight per token, plus
 causal attention) / time is compared with the bf16 GEMM rate. With --tp N the model runs as a TP
 gang of N Ray actors (one GPU each); times are taken on rank 0, which drives the step.
+
+`--rank-share N` also runs, on one GPU, the model a rank of a TP=N gang holds (heads, intermediate size and
+vocabulary divided by N) without any collective: the floor of a TP=N step, and with it how much of a
+measured TP=N step is communication. `--profile B` prints the decode step's GPU time at batch B by kernel.
 """
 from __future__ import annotations
 
@@ -160,11 +164,56 @@ def report(name: str, res: dict, amounts: dict, ceil: dict, context: int, num_gp
     return rows
 
 
-def run_single(config, context: int, batches) -> tuple[dict, ModelSpec]:
+def kernel_profile(engine, batch: int, context: int, steps: int = 5) -> dict:
+    """The decode step at `batch`, replayed `steps` times under torch's profiler: GPU time per step by kernel
+    (µs, calls per step), the sum, and the step's wall time; what is left between them is launch gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step = synthetic_step(batch, 1, context, engine.config.block_size)
+    wall = time_step(engine.execute, step)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.execute(step)
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:  # host-side events (their kernels are listed themselves)
+            continue
+        us = e.device_time_total / steps
+        if us > 0 and e.count:
+            kernels[e.key] = {"us": us, "calls": e.count / steps}
+    return {"batch": batch, "wall_us": wall * 1e6, "kernel_us": sum(k["us"] for k in kernels.values()),
+            "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us"]))}
+
+
+def print_profile(name: str, prof: dict, top: int = 16) -> None:
+    print(f"{name}: decode step B={prof['batch']}: {prof['wall_us']:.0f} µs, kernels {prof['kernel_us']:.0f} µs "
+          f"(gaps {prof['wall_us'] - prof['kernel_us']:.0f})")
+    for key, k in list(prof["kernels"].items())[:top]:
+        print(f"  {k['us']:8.1f} µs {k['calls']:5.0f} x {k['us'] / k['calls']:6.2f}  {key[:90]}")
+
+
+def rank_share_model(model_dir: str, n: int, folder: str) -> str:
+    """A model whose config is one rank's share of `model_dir` at TP=n (query/KV heads, intermediate size and
+    vocabulary divided by n, hidden size kept): what each rank of a gang computes, run without collectives."""
+    cfg = json.loads(Path(model_dir, "config.json").read_text())
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+        assert cfg[key] % n == 0, f"{key} {cfg[key]} does not split {n} ways"
+        cfg[key] //= n
+    for key in ("bos_token_id", "eos_token_id"):  # ids of the full vocabulary; the share's is smaller
+        cfg[key] = 0
+    Path(folder, "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def run_single(config, context: int, batches, profile_batch: int | None = None) -> tuple[dict, ModelSpec]:
     from pdserve.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(config)
     res = measure(engine, context, batches)
+    if profile_batch:
+        res["profile"] = kernel_profile(engine, profile_batch, context)
     spec = engine.spec
     del engine
     torch.cuda.empty_cache()
@@ -196,6 +245,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="folder for engine_tp{N}.json")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch every kernel plainly (kernels/launch.py; the in-process TP=1 engine only)")
+    ap.add_argument("--rank-share", type=int, default=0,
+                    help="also run one rank's share of the model at TP=N on one GPU, without collectives")
+    ap.add_argument("--profile", type=int, default=0, help="kernel profile of the decode step at this batch")
     ap.add_argument("--push-gemm", action="store_true",
                     help="with --tp N: a second gang whose row-parallel GEMMs push their rows (push_gemm)")
     args = ap.parse_args()
@@ -214,8 +266,22 @@ def main() -> int:
                          num_kv_blocks=max(blocks, 8 * 2048 // 16 + 8), max_model_len=4096,
                          max_num_seqs=max(batches), max_num_batched_tokens=16384)
     ceil = ceilings()
-    res, spec = run_single(config, args.context, batches)  # TP=1 always: the in-run baseline for TP=N
+    res, spec = run_single(config, args.context, batches, args.profile)  # TP=1: the in-run baseline for TP=N
     rows = report("pdserve tp1", res, model_amounts(spec, 1), ceil, args.context)
+    profiles = {"tp1": res.get("profile")}
+    if args.rank_share > 1:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            share_config = config.model_copy(update={"model": rank_share_model(args.model, args.rank_share, folder)})
+            res_share, _ = run_single(share_config, args.context, batches, args.profile)
+        name = f"1/{args.rank_share} share"
+        rows += report(name, res_share, model_amounts(spec, args.rank_share), ceil, args.context)
+        profiles[name] = res_share.get("profile")
+        for key, label in DECODE_FIGURES:
+            for b in batches:
+                rows.append({"engine": f"{name}/tp1", "case": f"{label} B={b} time ratio", "ms": float("nan"),
+                             "of_ceiling": res_share[key][b] / res[key][b]})
     gangs = [("", config)] + ([("push", config.model_copy(update={"push_gemm": True}))] if args.push_gemm else [])
     for suffix, gang_config in gangs if args.tp > 1 else []:
         name = f"tp{args.tp}{' ' + suffix if suffix else ''}"
@@ -232,6 +298,9 @@ def main() -> int:
     if not args.no_hf:
         hf = hf_baseline(args.model, args.context, batches)
         rows += report("transformers", hf, model_amounts(spec, 1), ceil, args.context)
+    for name, prof in profiles.items():
+        if prof:
+            print_profile(name, prof)
     copy_tb, gemm_tf = ceil["copy_bytes_per_s"] / 1e12, ceil["gemm_bf16_flop_per_s"] / 1e12
     print(f"copy {copy_tb:.2f} TB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
     print(f"{'engine':<16}{'case':<26}{'ms':>10}{'of ceiling':>12}")
@@ -239,7 +308,8 @@ def main() -> int:
         print(f"{r['engine']:<16}{r['case']:<26}{r['ms']:>10.3f}{r['of_ceiling']:>12.3f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"engine_tp{args.tp}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+        Path(args.out, f"engine_tp{args.tp}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
+                                                                          "profiles": profiles}, indent=1))
     return 0
 
 
