@@ -38,6 +38,23 @@ SHAPES = {
 CANDIDATES = [gemm.SkinnyConfig(bn, 128, split, 4, stages)
               for bn, split, stages in itertools.product((16, 32, 64, 128), (1, 2, 4), (4, 6))]
 PUSH_CANDIDATES = [c for c in CANDIDATES if c.split == 1 and c.block_n <= 64]
+
+
+def wave_configs(n: int, gated: bool = False, splits=(1, 2)) -> list[gemm.SkinnyConfig]:
+    """Configs whose grid is one or two programs per SM: columns per program chosen for the count, in the
+    power-of-two tile above them (`SkinnyConfig.cols`). Gated: n output columns, two weight rows each."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
+    for per_sm, split, stages in itertools.product((1, 2), splits, (4, 6)):
+        cols = -(-n * split // (per_sm * sms))
+        cols += cols % 2  # LL words and gated pairs want an even count
+        tile = max(16, 1 << (cols - 1).bit_length())
+        if cols < tile:
+            factor = 2 if gated else 1
+            out.append(gemm.SkinnyConfig(factor * tile, 128, split, 4, stages, cols=factor * cols))
+    return out
+
+
 # --wide: other K blocks and 8 warps besides
 WIDE = [gemm.SkinnyConfig(bn, bk, split, warps, 4)
         for bn, bk, split, warps in itertools.product((32, 64), (64, 256), (1, 2), (4, 8))]
@@ -106,7 +123,8 @@ def push_pairs(rows: int = 64, wide: bool = False) -> dict:
     GEMM pushing its tiles and flags, and the all-reduce after it that then only waits, sums and normalizes
     (both ranks' GEMMs, then both ranks' all-reduces, per call; the GEMMs' time subtracted); next to it the
     add + RMSNorm alone (no all-reduce), its floor."""
-    push_candidates = PUSH_CANDIDATES + ([c for c in WIDE if c.split == 1] if wide else [])
+    push_candidates = (PUSH_CANDIDATES + wave_configs(4096, splits=(1,))
+                       + ([c for c in WIDE if c.split == 1] if wide else []))
     return {f"{name} {'LL' if ll else 'plain'}": _push_pair(rows, *SHAPES["tp2"][name], ll, push_candidates)
             for name in ("o", "down") for ll in ((True,) if wide else (True, False))}
 
@@ -172,12 +190,24 @@ def gated(rows=(1, 16, 64)) -> dict:
         copies = max(2, int(600e6 // (n * k * 2)))
         weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k**0.5 for _ in range(copies)]
         config = gemm.gated_config(torch.empty(1, k, dtype=torch.bfloat16, device="cuda"), weights[0])
+        x64 = torch.randn(64, k, dtype=torch.bfloat16, device="cuda")
+        timed = []  # the grid sized to the SMs (cols), each timed at 64 rows
+        for c in wave_configs(n // 2, gated=True, splits=(1,)):
+            try:
+                timed.append((graph_us([lambda w=w, c=c, x=x64: gemm.skinny_linear_silu_and_mul_triton(x, w, c)
+                                        for w in weights]), c))
+            except OutOfResources:
+                continue
+        best = min(timed, key=lambda t: t[0])[1] if timed else None
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             two = graph_us([lambda w=w, x=x: ops.silu_and_mul(gemm.linear(x, w)) for w in weights])
-            one = (graph_us([lambda w=w, x=x, c=config: gemm.skinny_linear_silu_and_mul_triton(x, w, c)
-                             for w in weights]) if config is not None else float("nan"))
-            out[f"{group} gate_up {m}"] = {"n": n, "k": k, "rows": m, "two_kernels_us": two, "fused_us": one}
+            one, wave = (float("nan") if c is None else graph_us(
+                [lambda w=w, x=x, c=c: gemm.skinny_linear_silu_and_mul_triton(x, w, c) for w in weights])
+                for c in (config, best))
+            out[f"{group} gate_up {m}"] = {"n": n, "k": k, "rows": m, "two_kernels_us": two, "fused_us": one,
+                                           "fused_wave_us": wave,
+                                           "wave_config": dataclasses.asdict(best) if best else None}
         del weights
         torch.cuda.empty_cache()
     return out
@@ -198,9 +228,10 @@ def main() -> int:
         return 2
     if args.gated:
         fused = gated()
-        print("gate/up + SiLU-and-mul, µs per call: two kernels | one")
+        print("gate/up + SiLU-and-mul, µs per call: two kernels | one | one, grid sized to the SMs (config)")
         for name, r in fused.items():
-            print(f"{name:>18}  {r['two_kernels_us']:.1f} | {r['fused_us']:.1f}")
+            print(f"{name:>18}  {r['two_kernels_us']:.1f} | {r['fused_us']:.1f} | {r['fused_wave_us']:.1f}"
+                  f" ({r['wave_config']})")
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "gemm_gated.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
@@ -226,7 +257,7 @@ def main() -> int:
         for name, (n, k) in SHAPES[group].items():
             if args.only and name not in args.only.split(","):
                 continue
-            r = measure(f"{group} {name}", n, k, CANDIDATES + (WIDE if args.wide else []))
+            r = measure(f"{group} {name}", n, k, CANDIDATES + wave_configs(n) + (WIDE if args.wide else []))
             rows.append(r)
             c = r["config"]
             print(f"{r['shape']:>12} {n:>6} {k:>6}  "

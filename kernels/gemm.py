@@ -40,6 +40,14 @@ class SkinnyConfig:
     split: int
     num_warps: int = 4
     num_stages: int = 4
+    cols: int = 0  # output columns per program, at most block_n (0: block_n); sizes the grid
+
+    def __post_init__(self):
+        assert 0 <= self.cols <= self.block_n, "cols: at most block_n"
+
+    @property
+    def columns(self) -> int:
+        return self.cols or self.block_n
 
 
 # (device capability, N, K) -> config, for bf16/fp16 x with up to MAX_ROWS rows; measured with
@@ -66,16 +74,19 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
     buf_ptrs, epochs_ptr, slot, region_words,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     PUSH: tl.constexpr, LL: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
     GATED: tl.constexpr,
 ):
-    # GATED: the weight is [gate; up], 2N rows; each program takes BN columns of both and stores
+    # Program pn takes output columns [pn * CN, (pn + 1) * CN) in a tile of BN >= CN (CN < BN: a grid sized
+    # to the SMs where BN's power of two would not be).
+    # GATED: the weight is [gate; up], 2N rows; each program takes CN columns of both and stores
     # silu(gate) * up, rounded as silu_and_mul rounds the two GEMM outputs (no split K).
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rm = tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
+    rn = pn * CN + tl.arange(0, BN)
+    col_ok = (tl.arange(0, BN) < CN) & (rn < N)
     rk = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
@@ -88,13 +99,13 @@ def _skinny_gemm_kernel(
         a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < k_end),
                     other=0.0)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + k[:, None],
-                    mask=(rn[None, :] < N) & (k[:, None] < k_end), other=0.0)
+                    mask=col_ok[None, :] & (k[:, None] < k_end), other=0.0)
         acc += tl.dot(a, b)
         if GATED:
             b_up = tl.load(w_ptr + (rn[None, :] + N).to(tl.int64) * stride_wn + k[:, None],
-                           mask=(rn[None, :] < N) & (k[:, None] < k_end), other=0.0)
+                           mask=col_ok[None, :] & (k[:, None] < k_end), other=0.0)
             acc_up += tl.dot(a, b_up)
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out_mask = (rm[:, None] < M) & col_ok[None, :]
     out = y_ptr + rm[:, None] * N + rn[None, :]
     if GATED:
         dtype = y_ptr.dtype.element_ty
@@ -112,13 +123,14 @@ def _skinny_gemm_kernel(
             words = (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32)
                                                                            & 0xFFFF)
             packed = (epoch.to(tl.int64) << 32) | words.to(tl.uint32, bitcast=True).to(tl.int64)
-            wn = pn * (BN // 2) + tl.arange(0, BN // 2)
+            wn = pn * (CN // 2) + tl.arange(0, BN // 2)
+            wn_ok = (tl.arange(0, BN // 2) < CN // 2) & (wn < N // 2)
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
                     dst = tl.load(buf_ptrs + peer).to(tl.pointer_type(tl.int64))
                     dst += (slot * WORLD + RANK) * region_words
                     tl.store(dst + rm[:, None] * (N // 2) + wn[None, :], packed,
-                             mask=(rm[:, None] < M) & (wn[None, :] < N // 2))
+                             mask=(rm[:, None] < M) & wn_ok[None, :])
         elif PUSH:
             # the tile also goes, as plain rows, into every peer's fused all-reduce buffer (kernels/norm.py)
             # while the other programs still stream the weight; then this program's flag on each peer,
@@ -187,7 +199,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
     assert weight.shape == (N, K) and M <= MAX_ROWS, "x [M <= MAX_ROWS, K], weight [N, K]"
     assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x, weight: last dim innermost"
     bm = max(16, triton.next_power_of_2(M))
-    tiles = triton.cdiv(N, config.block_n)
+    tiles = triton.cdiv(N, config.columns)
     # each split takes a whole number of K blocks
     k_per_split = triton.cdiv(triton.cdiv(K, config.split), config.block_k) * config.block_k
     split = triton.cdiv(K, k_per_split)
@@ -196,7 +208,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, config: SkinnyCo
     pdl = pdl_supported(x.device) if pdl is None else pdl
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, y, part, count, M, N, K, x.stride(0), weight.stride(0), k_per_split, count, count, 0, 0,
-        BM=bm, BN=config.block_n, BK=config.block_k, SPLIT=split, PDL=pdl, PUSH=False, LL=False, RANK=0, WORLD=1,
+        BM=bm, BN=config.block_n, CN=config.columns, BK=config.block_k, SPLIT=split, PDL=pdl, PUSH=False, LL=False,
+        RANK=0, WORLD=1,
         MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl_kwargs(pdl),
     )
@@ -212,13 +225,15 @@ def skinny_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, con
     N = weight.shape[0] // 2
     assert weight.shape == (2 * N, K) and M <= MAX_ROWS, "x [M <= MAX_ROWS, K], weight [2I, K]"
     assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x, weight: last dim innermost"
-    assert config.split == 1 and config.block_n % 2 == 0, "gated: no split K, block_n even (>= 32 on GPUs)"
-    bn = config.block_n // 2
+    assert config.split == 1 and config.block_n % 2 == 0 and config.columns % 2 == 0, (
+        "gated: no split K, block_n and cols even (block_n >= 32 on GPUs)")
+    bn, cn = config.block_n // 2, config.columns // 2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     pdl = pdl_supported(x.device) if pdl is None else pdl
-    _skinny_gemm_kernel[(triton.cdiv(N, bn), 1)](
+    _skinny_gemm_kernel[(triton.cdiv(N, cn), 1)](
         x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, y, y, 0, 0,
-        BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=False, LL=False,
+        BM=max(16, triton.next_power_of_2(M)), BN=bn, CN=cn, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=False,
+        LL=False,
         RANK=0, WORLD=1, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=True, num_warps=config.num_warps,
         num_stages=config.num_stages, **pdl_kwargs(pdl),
     )
@@ -229,7 +244,8 @@ def gated_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
     """The config `skinny_linear_silu_and_mul_triton` runs this merged [gate; up] projection with (the
     table's, where unsplit), or None (the GEMM, then silu_and_mul)."""
     config = skinny_config(x, weight)
-    return config if config is not None and config.split == 1 and config.block_n % 32 == 0 else None
+    ok = config is not None and config.split == 1 and config.block_n % 32 == 0 and config.columns % 2 == 0
+    return config if ok else None
 
 
 # A row-parallel projection whose rows the kernel pushes (`skinny_linear_push_triton`) when SKINNY_CONFIGS
@@ -245,7 +261,7 @@ def push_config(x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
         return None
     config = SKINNY_CONFIGS.get((torch.cuda.get_device_capability(x.device), *weight.shape))
     config = config if config is not None and config.split == 1 else PUSH_CONFIG
-    return config if triton.cdiv(weight.shape[0], config.block_n) <= MAX_FUSED_PROGRAMS else None
+    return config if triton.cdiv(weight.shape[0], config.columns) <= MAX_FUSED_PROGRAMS else None
 
 
 def skinny_linear_push_triton(
@@ -265,16 +281,17 @@ def skinny_linear_push_triton(
     assert weight.shape == (N, K) and M <= MAX_ROWS and N % 2 == 0, "x [M <= MAX_ROWS, K], weight [N even, K]"
     assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x, weight: last dim innermost"
     assert config.split == 1, "a pushed tile must be final: no split K"
-    assert not ll or config.block_n % 2 == 0, "LL words hold two values: block_n even"
+    assert not ll or config.columns % 2 == 0, "LL words hold two values: block_n and cols even"
     assert buffer_ptrs.dtype == torch.int64 and 0 <= rank < world and region_words >= M * N // 2, "rows fit a region"
     assert epochs.dtype == torch.int32 and epochs.shape == (2,) and slot in (0, 1), "a counter per slot"
-    tiles = triton.cdiv(N, config.block_n)
+    tiles = triton.cdiv(N, config.columns)
     assert tiles <= MAX_FUSED_PROGRAMS, f"at most {MAX_FUSED_PROGRAMS} column tiles (one flag each per slot)"
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     pdl = pdl_supported(x.device) if pdl is None else pdl
     _skinny_gemm_kernel[(tiles, 1)](
         x, weight, y, y, y, M, N, K, x.stride(0), weight.stride(0), K, buffer_ptrs, epochs, slot, region_words,
-        BM=max(16, triton.next_power_of_2(M)), BN=config.block_n, BK=config.block_k, SPLIT=1, PDL=pdl, PUSH=True,
+        BM=max(16, triton.next_power_of_2(M)), BN=config.block_n, CN=config.columns, BK=config.block_k, SPLIT=1,
+        PDL=pdl, PUSH=True,
         LL=ll, RANK=rank, WORLD=world, MAX_PROGRAMS=MAX_FUSED_PROGRAMS, GATED=False, num_warps=config.num_warps,
         num_stages=config.num_stages, **pdl_kwargs(pdl),
     )

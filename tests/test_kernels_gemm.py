@@ -24,10 +24,12 @@ def _inputs(m, n, k, dtype, device, seed=0):
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_skinny_matches_torch(m, split, dtype):
+@pytest.mark.parametrize("cols", [0, 10])
+def test_skinny_matches_torch(m, split, dtype, cols):
     n, k = 40, 72  # neither a multiple of the blocks below
     x, w = _inputs(m, n, k, dtype, DEVICE)
-    config = gemm.SkinnyConfig(block_n=16, block_k=16, split=split, num_warps=1, num_stages=2)
+    # cols 10: four programs of 10 columns in tiles of 16 (a grid sized by the columns, not the tile)
+    config = gemm.SkinnyConfig(block_n=16, block_k=16, split=split, num_warps=1, num_stages=2, cols=cols)
     y = gemm.skinny_linear_triton(x, w, config)
     want = (x.float() @ w.float().T).to(dtype)  # fp32 accumulation, rounded once
     assert y.shape == (m, n) and y.dtype == dtype
@@ -96,18 +98,20 @@ def test_pdl_launch_waits_for_the_kernel_before(split):
 
 @runs_triton
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_gated_skinny_is_the_gemm_then_silu_and_mul(m):
+@pytest.mark.parametrize("cols", [0, 24])
+def test_gated_skinny_is_the_gemm_then_silu_and_mul(m, cols):
     inter, k = 40, 72  # neither a multiple of the blocks below
     dtype = DTYPES[0]
     x, w = _inputs(m, 2 * inter, k, dtype, DEVICE)
-    config = gemm.SkinnyConfig(block_n=32, block_k=16, split=1, num_warps=1, num_stages=2)  # 16 + 16 rows
+    # 16 + 16 weight rows a tile; cols 24: 12 gate and 12 up columns a program
+    config = gemm.SkinnyConfig(block_n=32, block_k=16, split=1, num_warps=1, num_stages=2, cols=cols)
     y = gemm.skinny_linear_silu_and_mul_triton(x, w, config)
     gate_up = (x.float() @ w.float().T).to(dtype)  # fp32 accumulation, rounded once
     want = silu_and_mul_ref(gate_up)
     assert y.shape == (m, inter) and y.dtype == dtype
     torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
     if DEVICE == "cuda":  # the unfused path's bits: the same GEMM tile sums, the same roundings
-        unfused = silu_and_mul_triton(gemm.skinny_linear_triton(x, w, dataclasses.replace(config, block_n=16)))
+        unfused = silu_and_mul_triton(gemm.skinny_linear_triton(x, w, gemm.SkinnyConfig(16, 16, 1, 1, 2)))
         assert torch.equal(y, unfused)
     with pytest.raises(AssertionError, match="gated: no split K"):
         gemm.skinny_linear_silu_and_mul_triton(x, w, dataclasses.replace(config, split=2))

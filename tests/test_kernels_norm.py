@@ -156,16 +156,16 @@ def test_can_fuse_all_reduce_needs_whole_16_bit_words():
 
 
 @runs_triton
-@pytest.mark.parametrize("world,rows,n,slot", [(2, 5, 48, 0), (3, 3, 64, 1)])
+@pytest.mark.parametrize("world,rows,n,slot,cols", [(2, 5, 48, 0, 0), (3, 3, 64, 1, 0), (2, 5, 48, 1, 10)])
 @pytest.mark.parametrize("ll", [True, False])
-def test_gemm_pushed_rows_then_the_all_reduce(world, rows, n, slot, ll):
+def test_gemm_pushed_rows_then_the_all_reduce(world, rows, n, slot, cols, ll):
     """Every rank of a gang on one device: each rank's row-parallel GEMM pushes its column tiles into the
     peers' buffers (LL words, or plain with a flag per tile), then each rank's all-reduce only waits, sums
     and normalizes."""
     epoch, k = 5, 32
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter's tl.dot has no bf16
-    config = gemm.SkinnyConfig(16, 16, 1, 4, 1)
-    tiles = -(-n // config.block_n)
+    config = gemm.SkinnyConfig(16, 16, 1, 4, 1, cols=cols)  # cols 10: 5 programs of 10 columns
+    tiles = -(-n // config.columns)
     region = rows * n // 2 + 4
     stale = (epoch - 1) << 32 | (epoch - 1)
     buffers = [FusedBuffer(world, region, stale, DEVICE) for _ in range(world)]
