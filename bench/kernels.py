@@ -221,12 +221,14 @@ def elementwise_cases(ceil) -> list[dict]:
     return rows
 
 
+def decode_configs() -> list[dict]:
+    return [{"BLOCK_N": n, "num_warps": w, "num_stages": s}
+            for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))]
+
+
 def sweeps(ceil):
     """Tile configs for the two attention kernels, and split counts around the automatic choice."""
-    dec = [
-        {"BLOCK_N": n, "num_warps": w, "num_stages": s}
-        for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3))
-    ]
+    dec = decode_configs()
     pre = [
         {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
@@ -266,6 +268,8 @@ def main() -> int:
         "--only", nargs="+", choices=FAMILIES, default=FAMILIES, help="run only these kernel families"
     )
     parser.add_argument("--heads", default=f"{HQ}/{HKV}", help="query/kv heads of the attention cases")
+    parser.add_argument("--decode-sweep", default=None, metavar="BxCTX",
+                        help="only decode attention at this batch and context: every tile config at 1, 2, 4 splits")
     args = parser.parse_args()
     HQ, HKV = (int(h) for h in args.heads.split("/"))
     if not torch.cuda.is_available():
@@ -286,6 +290,9 @@ def main() -> int:
     )
     rows = []
     thunks = itertools.chain(cases(ceil), sweeps(ceil) if args.sweep else ())
+    if args.decode_sweep:
+        batch, ctx = (int(v) for v in args.decode_sweep.split("x"))
+        thunks = [("decode", lambda: decode_case(batch, ctx, ceil, [None, *decode_configs()], splits=(1, 2, 4)))]
     for family, thunk in thunks:
         if family not in args.only:
             continue
