@@ -213,6 +213,13 @@ def gated(rows=(1, 16, 64)) -> dict:
     return out
 
 
+def save(out: str | None, name: str, **results) -> None:
+    """Write `results` (and the device's name) as JSON to out/name, where --out was given."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, name).write_text(json.dumps({"device": torch.cuda.get_device_name(), **results}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="tp1,tp2", help="groups of SHAPES to time")
@@ -232,10 +239,7 @@ def main() -> int:
         for name, r in fused.items():
             print(f"{name:>18}  {r['two_kernels_us']:.1f} | {r['fused_us']:.1f} | {r['fused_wave_us']:.1f}"
                   f" ({r['wave_config']})")
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            Path(args.out, "gemm_gated.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                                     "gated": fused}, indent=1))
+        save(args.out, "gemm_gated.json", gated=fused)
         return 0
     if args.push:
         pairs = push_pairs(wide=args.wide)
@@ -246,10 +250,7 @@ def main() -> int:
             print(f"{name:>10} {r['gemm_us']:>14.1f} {r['gemm_same_config_us']:>12.1f} {r['gemm_push_us']:>12.1f}"
                   f" {r['pushed_all_reduce_us']:>18.1f} {r['add_rms_norm_us']:>15.1f}  BN{r['config']['block_n']}"
                   f" BK{r['config']['block_k']} w{r['config']['num_warps']} s{r['config']['num_stages']}")
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            Path(args.out, "gemm_push.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                                    "push": pairs}, indent=1))
+        save(args.out, "gemm_push.json", push=pairs)
         return 0
     rows = []
     print(f"{'shape':>12} {'N':>6} {'K':>6}  µs at 1/16/64 rows: cuBLAS | skinny (best config)   TB/s at 64")
@@ -281,10 +282,7 @@ def main() -> int:
             c = r["config"]
             print(f"    ({cap}, {r['n']}, {r['k']}): SkinnyConfig({c['block_n']}, {c['block_k']}, {c['split']}, "
                   f"{c['num_warps']}, {c['num_stages']}),")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "gemm.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
-                                                           "layer_chains": chains}, indent=1))
+    save(args.out, "gemm.json", rows=rows, layer_chains=chains)
     return 0
 
 

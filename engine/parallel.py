@@ -24,10 +24,10 @@ LL_MAX_BYTES = 256 << 10
 # The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
 # Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).
 GATHER_MAX_BYTES = 32 << 20
+GATHER_PROGRAMS = 512  # a unit (row, 4096 columns) each at B=64: the peer loads are latency-bound
 # A GEMM that pushes its rows (`push_gemm`) sends them as LL words: the GEMM's epilogue then stores and
 # moves on (no fence, no flag), the doubled bytes crossing NVLink while the other programs stream the weight.
 PUSH_LL = True
-GATHER_PROGRAMS = 512  # a unit (row, 4096 columns) each at B=64: the peer loads are latency-bound
 _ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's one-shot kernel is built for
 
 
@@ -102,9 +102,10 @@ class SymmetricAllReduce:
                 works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
             if push_gemm:  # rows of ones again, now out of a GEMM that pushes them (its weight: ones / 64)
                 weight = torch.full((64, 64), 1 / 64, device=device, dtype=torch.bfloat16)
-                if symmetric.can_push(ones, weight, zeros):
+                config = symmetric.push_config(ones, weight, zeros)
+                if config is not None:
                     for slot in (0, 1, 0, 1):
-                        y, total = symmetric.linear_add_rms_norm(ones, weight, zeros, ones[0], 0.0, slot)
+                        y, total = symmetric.linear_add_rms_norm(ones, weight, zeros, ones[0], 0.0, slot, config)
                         works = works and bool((total == group.size()).all()) and torch.allclose(y, ones)
         except RuntimeError as e:
             log.warning("symmetric memory unavailable (%s); all-reduces go through NCCL", e)
@@ -149,24 +150,25 @@ class SymmetricAllReduce:
             region_words=self.region_words, rank=self.rank, num_programs=norm.MAX_FUSED_PROGRAMS,
             ll=x.nbytes <= self.ll_max_bytes)
 
-    def can_push(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether `linear_add_rms_norm` takes this projection: pushing on, and a GEMM the pushing kernel runs
-        whose output the fused all-reduce takes."""
-        if not (self.push_gemm and x.is_cuda and gemm.push_config(x, weight) is not None):
-            return False
+    def push_config(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> gemm.SkinnyConfig | None:
+        """The GEMM config `linear_add_rms_norm` runs this projection with, or None where it does not take it
+        (pushing off, or a GEMM the pushing kernel cannot run or whose output the fused all-reduce cannot)."""
+        config = gemm.push_config(x, weight) if self.push_gemm and x.is_cuda else None
         rows = x.shape[0]
-        return (residual.shape == (rows, weight.shape[0]) and residual.dtype == x.dtype
+        fits = (residual.shape == (rows, weight.shape[0]) and residual.dtype == x.dtype
                 and rows * weight.shape[0] * x.element_size() <= self.max_bytes
                 and norm.can_fuse_all_reduce(residual, residual))
+        return config if config is not None and fits else None
 
     def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                            norm_weight: torch.Tensor, eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`add_rms_norm` of this rank's partial sums x @ weight.T, in two kernels: the GEMM pushes each
-        column tile of its result into the peers' buffers as soon as it is computed (while the rest of the
-        weight still streams in), and the all-reduce after it only waits, sums and normalizes. Same slots,
-        same results (bit for bit) as `add_rms_norm(linear(x, weight), ...)`."""
+                            norm_weight: torch.Tensor, eps: float, slot: int, config: gemm.SkinnyConfig
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rms_norm` of this rank's partial sums x @ weight.T, in two kernels: the GEMM (`config`, from
+        `push_config`) pushes each column tile of its result into the peers' buffers as soon as it is
+        computed (while the rest of the weight still streams in), and the all-reduce after it only waits,
+        sums and normalizes. Same slots, and the same bits as `add_rms_norm` of the same partial sums."""
         partial, tiles = gemm.skinny_linear_push_triton(
-            x, weight, gemm.push_config(x, weight), buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
+            x, weight, config, buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
             region_words=self.region_words, rank=self.rank, ll=self.push_ll)
         return norm.all_reduce_add_rms_norm_triton(
             partial, residual, norm_weight, eps, buffer_ptrs=self.buffer_ptrs, epochs=self.epochs, slot=slot,
@@ -222,8 +224,9 @@ class TPGroup:
         """A row-parallel projection of x (this rank's input shard) and then `all_reduce_add_rms_norm` of its
         partial sums. Where the gang was created with `push_gemm` and the call is small, the GEMM itself
         pushes its rows to the peers (`SymmetricAllReduce.linear_add_rms_norm`)."""
-        if self.symmetric is not None and self.symmetric.can_push(x, weight, residual):
-            return self.symmetric.linear_add_rms_norm(x, weight, residual, norm_weight, eps, slot)
+        config = self.symmetric.push_config(x, weight, residual) if self.symmetric is not None else None
+        if config is not None:
+            return self.symmetric.linear_add_rms_norm(x, weight, residual, norm_weight, eps, slot, config)
         return self.all_reduce_add_rms_norm(ops.linear(x, weight), residual, norm_weight, eps, slot)
 
     def broadcast_from_first(self, x: torch.Tensor) -> None:

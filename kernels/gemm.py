@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.launch import pdl_kwargs, pdl_supported
-from pdserve.kernels.norm import MAX_FUSED_PROGRAMS, fused_flag, fused_plain_region
+from pdserve.kernels.norm import MAX_FUSED_PROGRAMS, fused_flag, fused_ll_region, fused_plain_region
 
 MAX_ROWS = 64  # the kernel keeps all rows of a tile in one block
 
@@ -128,7 +128,7 @@ def _skinny_gemm_kernel(
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
                     dst = tl.load(buf_ptrs + peer).to(tl.pointer_type(tl.int64))
-                    dst += (slot * WORLD + RANK) * region_words
+                    dst += fused_ll_region(slot, RANK, WORLD, region_words)
                     tl.store(dst + rm[:, None] * (N // 2) + wn[None, :], packed,
                              mask=(rm[:, None] < M) & wn_ok[None, :])
         elif PUSH:

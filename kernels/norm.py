@@ -110,6 +110,13 @@ def _words(lo, hi, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def fused_ll_region(slot, rank, WORLD: tl.constexpr, region_words):
+    """Where, in int64 words from a fused buffer's start, the LL words that rank `rank` pushes in calls on
+    `slot` begin (fused_buffer_bytes gives the layout; kernels/gemm.py pushes there too)."""
+    return (slot * WORLD + rank) * region_words
+
+
+@triton.jit
 def fused_plain_region(slot, rank, WORLD: tl.constexpr, region_words):
     """Where, in int32 words from a fused buffer's start, the plain rows that rank `rank` pushes in calls on
     `slot` begin (fused_buffer_bytes gives the layout): what the all-reduce kernel and a GEMM that pushes
@@ -163,7 +170,7 @@ def _all_reduce_add_rms_norm_kernel(
     tag = epoch.to(tl.int64) << 32
     # Each buffer (see fused_buffer_bytes), in region_words R: LL regions int64 [2, WORLD, R], plain regions
     # int32 [2, WORLD, R], flags int32 [2, MAX_PROGRAMS, WORLD]; LL and plain calls never share a word.
-    ll_at = slot * WORLD * region_words  # int64 words
+    ll_at = fused_ll_region(slot, 0, WORLD, region_words)  # int64 words; rank r's words r * region_words on
     plain_at = fused_plain_region(slot, 0, WORLD, region_words)  # int32 words; rank r's rows r * region_words on
     flags = fused_flag(slot, pid, 0, WORLD, region_words, MAX_PROGRAMS)  # int32 words; rank r's flag r on
     for i in range(my_rows if not PUSHED else 0):

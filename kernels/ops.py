@@ -25,7 +25,7 @@ from pdserve.kernels.norm import (
     rms_norm_ref,
     rms_norm_triton,
 )
-from pdserve.kernels.rope import rope_ref, rope_store_kv_ref, rope_store_kv_triton, rope_triton
+from pdserve.kernels.rope import rope_store_kv_ref, rope_store_kv_triton
 
 
 def _by_device(triton_fn: Callable, ref_fn: Callable) -> Callable:
@@ -42,7 +42,6 @@ paged_decode_attention = _by_device(paged_decode_attention_triton, paged_decode_
 paged_prefill_attention = _by_device(paged_prefill_attention_triton, paged_prefill_attention_ref)
 rms_norm = _by_device(rms_norm_triton, rms_norm_ref)
 fused_add_rms_norm = _by_device(fused_add_rms_norm_triton, fused_add_rms_norm_ref)
-rope = _by_device(rope_triton, rope_ref)
 rope_store_kv = _by_device(rope_store_kv_triton, rope_store_kv_ref)
 silu_and_mul = _by_device(silu_and_mul_triton, silu_and_mul_ref)
 gather_blocks = _by_device(gather_blocks_triton, gather_blocks_ref)
@@ -63,5 +62,5 @@ def linear_silu_and_mul(x, weight):
 __all__ = [
     "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "linear_silu_and_mul",
     "paged_decode_attention",
-    "paged_prefill_attention", "rms_norm", "rope", "rope_store_kv", "scatter_blocks", "silu_and_mul", "store_kv",
+    "paged_prefill_attention", "rms_norm", "rope_store_kv", "scatter_blocks", "silu_and_mul", "store_kv",
 ]

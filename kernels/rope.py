@@ -85,23 +85,6 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.c
     return o1.to(dtype), o2.to(dtype)
 
 
-@triton.jit
-def _rope_kernel(
-    q_ptr, k_ptr, pos_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
-    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
-    # One program per token: both q and k heads share one cos/sin load.
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t)
-    offs = tl.arange(0, BLOCK_HALF)
-    dtype = q_ptr.dtype.element_ty
-    cos = tl.load(cache_ptr + pos * stride_c + offs, mask=offs < HALF).to(dtype).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_c + HALF + offs, mask=offs < HALF).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
-
-
 def rope_triton(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +97,12 @@ def rope_triton(
     assert positions.shape == (num_tokens,) and positions.dtype == torch.int64, "positions: [T] int64"
     assert q.device == k.device == positions.device == cos_sin_cache.device, "all tensors on one device"
     half = head_dim // 2
-    _rope_kernel[(num_tokens,)](
-        q, k, positions, cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half,
+    _rope_kernel[(num_tokens,)](  # no store: the cache arguments are never read
+        q, k, k, positions, cos_sin_cache, k, k, positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0,
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_SIZE=1,
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), STORE=False, PDL=False, num_warps=4,
     )
     return q, k
 
@@ -141,14 +124,15 @@ def rope_store_kv_ref(
 
 
 @triton.jit
-def _rope_store_kv_kernel(
+def _rope_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c, stride_cn, stride_ch, stride_ct,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # One program per token: _rope_kernel's rotation of its q and k heads (in place), and _store_kv_kernel's
-    # write of the rotated k and of v into the token's cache slot.
+    # One program per token: the rotation of its q and k heads (in place; both share one cos/sin load), and
+    # with STORE the write of the rotated k and of v into the token's cache slot (as _store_kv_kernel does).
     t = tl.program_id(0).to(tl.int64)
     if PDL:
         tl.extra.cuda.gdc_wait()  # the kernel before (the qkv projection) has finished
@@ -159,16 +143,17 @@ def _rope_store_kv_kernel(
     sin = tl.load(cache_ptr + pos * stride_c + HALF + offs, mask=offs < HALF).to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     k1, k2 = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
-    slot = tl.load(slot_ptr + t)
-    offs_h = tl.arange(0, BLOCK_KH)
-    mask = (offs_h < NUM_K_HEADS)[:, None] & (offs < HALF)[None, :]
-    dst = (slot // BLOCK_SIZE) * stride_cn + (slot % BLOCK_SIZE) * stride_ct + offs_h[:, None] * stride_ch
-    dst = dst + offs[None, :]
-    tl.store(k_cache_ptr + dst, k1, mask=mask)
-    tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
-    src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs[None, :]
-    tl.store(v_cache_ptr + dst, tl.load(src, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst + HALF, tl.load(src + HALF, mask=mask), mask=mask)
+    if STORE:
+        slot = tl.load(slot_ptr + t)
+        offs_h = tl.arange(0, BLOCK_KH)
+        mask = (offs_h < NUM_K_HEADS)[:, None] & (offs < HALF)[None, :]
+        dst = (slot // BLOCK_SIZE) * stride_cn + (slot % BLOCK_SIZE) * stride_ct + offs_h[:, None] * stride_ch
+        dst = dst + offs[None, :]
+        tl.store(k_cache_ptr + dst, k1, mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+        src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs[None, :]
+        tl.store(v_cache_ptr + dst, tl.load(src, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + dst + HALF, tl.load(src + HALF, mask=mask), mask=mask)
 
 
 def rope_store_kv_triton(
@@ -193,12 +178,12 @@ def rope_store_kv_triton(
     assert len({t.device for t in (q, k, v, positions, cos_sin_cache, k_cache, slot_mapping)}) == 1, "one device"
     half = head_dim // 2
     pdl = pdl_supported(q.device)
-    _rope_store_kv_kernel[(num_tokens,)](
+    _rope_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1], HALF=half, BLOCK_SIZE=k_cache.shape[2],
         BLOCK_QH=triton.next_power_of_2(num_q_heads), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **pdl_kwargs(pdl),
+        BLOCK_HALF=triton.next_power_of_2(half), STORE=True, PDL=pdl, num_warps=4, **pdl_kwargs(pdl),
     )
     return q, k

@@ -147,8 +147,8 @@ def _fused_rank(rank: int, port: int) -> None:
                     out.append(sym.add_rms_norm(partial, res, w, 1e-5, c % 2))
                 else:
                     sym.push_gemm = True
-                    assert sym.can_push(xs[rank], ws[rank], res)
-                    out.append(sym.linear_add_rms_norm(xs[rank], ws[rank], res, w, 1e-5, c % 2))
+                    assert sym.push_config(xs[rank], ws[rank], res) == config
+                    out.append(sym.linear_add_rms_norm(xs[rank], ws[rank], res, w, 1e-5, c % 2, config))
             return out
 
         eager = run_calls(calls, config)

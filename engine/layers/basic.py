@@ -1,4 +1,5 @@
-"""Small layers around the kernels: RMSNorm (with fused residual add), RoPE."""
+"""Small layers around the kernels: RMSNorm (with fused residual add), RoPE's cos/sin table (applied by
+the attention layer's cache store, ops.rope_store_kv)."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,3 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         cache = build_cos_sin_cache(head_dim, max_positions, theta, scaling)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, D] fp32
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return ops.rope(q, k, positions, self.cos_sin_cache)
