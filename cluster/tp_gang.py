@@ -21,7 +21,7 @@ from pdserve.engine.model_config import load_model_spec
 from pdserve.engine.model_runner import wants_cuda
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.errors import PdserveError, WorkerFailedError
+from pdserve.errors import PdserveError, ResourceExhaustedError, WorkerFailedError
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,26 @@ class TPGang:
 
     @classmethod
     def local(cls, config: DeploymentConfig, tp_size: int) -> TPGang:
-        """Join the configured Ray cluster, or start a local one."""
+        """Join the configured Ray cluster, or start a local one. Ray's own logs and the ranks' output reach
+        the terminal only when pdserve logs at INFO (`-v`)."""
         if not ray.is_initialized():
-            ray.init(address=config.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+            verbose = log.getEffectiveLevel() <= logging.INFO
+            ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=verbose,
+                     logging_level=logging.WARNING if verbose else logging.ERROR)
         return cls(config, tp_size)
 
     def _start(self) -> None:
         n, gpus = self.tp_size, 1 if self.use_gpus else 0
-        self.pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * n, strategy="STRICT_PACK")
-        self._wait(self.pg.ready(), LOAD_TIMEOUT_S, "placement group")
+        bundle = {"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}
+        self._check_cluster_fits(bundle)
+        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK")
+        if not self.pg.wait(timeout_seconds=self.timeout):
+            remove_placement_group(self.pg)
+            free = ray.available_resources()
+            raise ResourceExhaustedError(
+                f"tp {n} needs {self._needs(bundle)} on one node; they did not come free within "
+                f"{self.timeout:.0f}s (free in the cluster now: {self._amounts(bundle, free)})"
+            )
         cfg = self.config.model_dump()
         self.ranks = [
             _RemoteRank.options(
@@ -73,23 +84,41 @@ class TPGang:
         self.loops = [r.serve_steps.remote() for r in self.ranks[1:]]
         self.broken = False
 
+    def _check_cluster_fits(self, bundle: dict[str, int]) -> None:
+        """A gang that no node of the cluster can hold would wait for resources forever: fail at once."""
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        if any(all(res.get(k, 0) >= v * self.tp_size for k, v in bundle.items()) for res in nodes):
+            return
+        largest = max(nodes, key=lambda res: [res.get(k, 0) for k in bundle], default={})
+        where = "the cluster has" if len(nodes) == 1 else "its largest node has"
+        raise ResourceExhaustedError(f"tp {self.tp_size} needs {self._needs(bundle)}, {where} "
+                                     f"{self._amounts(bundle, largest)}")
+
+    def _needs(self, bundle: dict[str, int]) -> str:
+        return " and ".join(f"{v * self.tp_size} {k}s" for k, v in bundle.items())
+
+    @staticmethod
+    def _amounts(bundle: dict[str, int], resources: dict) -> str:
+        return " and ".join(f"{resources.get(k, 0):g}" if len(bundle) == 1 else f"{resources.get(k, 0):g} {k}s"
+                            for k in bundle)
+
     # --- bounded waiting ------------------------------------------------------------------
     def _wait(self, ref, timeout: float, what: str):
         return self._wait_all([ref], timeout, what)[0]
 
     def _wait_all(self, refs: list, timeout: float, what: str) -> list:
         watched = list(refs) + self.loops
-        pending = list(refs)
-        while pending:
+        results = {}
+        while len(results) < len(refs):
             ready, _ = ray.wait(watched, num_returns=1, timeout=timeout)
             if not ready:
                 self.broken = True
                 raise WorkerFailedError(f"tp gang: no answer to {what} within {timeout:.0f}s")
             if ready[0] not in refs:
                 self._loop_ended(ready[0], what)
+            results[ready[0]] = self._get(ready[0], what)  # a rank's error ends the wait at once
             watched.remove(ready[0])
-            pending.remove(ready[0])
-        return [self._get(r, what) for r in refs]
+        return [results[r] for r in refs]
 
     def _loop_ended(self, ref, what: str) -> None:
         self.broken = True

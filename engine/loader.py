@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pdserve.engine.checkpoint import check_checkpoint, checkpoint_files
 from pdserve.engine.layers.loading import copy_into, full
 from pdserve.engine.model_config import ModelSpec
 from pdserve.engine.models.llama import LlamaForCausalLM
@@ -54,9 +55,8 @@ def _checkpoint_to_param(name: str, packed: dict) -> tuple[str, object]:
 
 
 def load_safetensors(model: LlamaForCausalLM, folder: Path) -> None:
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"model: no *.safetensors files in {folder} (use load_format: dummy for random weights)")
+    check_checkpoint(model.spec)  # headers only: a damaged file or a shape config.json contradicts fails here
+    files = checkpoint_files(folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(dict(model.named_parameters()))
     for file in files:

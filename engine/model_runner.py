@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from pdserve.config import DeploymentConfig
 from pdserve.engine.cuda_graphs import CudaGraphRunner
 from pdserve.engine.loader import build_model
-from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.model_config import ModelSpec, check_max_model_len
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 def wants_cuda(config: DeploymentConfig) -> bool:
     """`device: cuda`, or `auto` where this process sees a CUDA device."""
     return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
+def host_memory_available() -> int:
+    """Bytes this machine can still allocate without swapping (Linux: MemAvailable; elsewhere: free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def pick_device(config: DeploymentConfig) -> torch.device:
@@ -38,6 +51,7 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None  # captured last, once the cache exists
         self.staging: PinnedStaging | None = None
         self.block_size = config.block_size
+        check_max_model_len(spec, config.max_model_len)
         max_positions = config.max_model_len or spec.max_position_embeddings
         self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
         attn = self.model.attention_layers()[0]
@@ -66,9 +80,10 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
+            return self._check_fits(self.config.num_kv_blocks, "num_kv_blocks")
         if self.device.type == "cpu":
-            return max(1, int(self.config.cpu_kv_cache_gib * 2**30) // self.block_bytes())
+            return self._check_fits(max(1, int(self.config.cpu_kv_cache_gib * 2**30) // self.block_bytes()),
+                                    "cpu_kv_cache_gib")
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - self._profile_activation_bytes()
         if budget < self.block_bytes():
@@ -77,6 +92,19 @@ class ModelRunner:
                 f"after weights and activations ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f})"
             )
         return int(budget // self.block_bytes()) - 1  # one block is the CUDA-graph scratch block
+
+    def _check_fits(self, num_blocks: int, field: str) -> int:
+        """Before the cache is allocated: one larger than the memory left would fail half-built, or get the
+        process killed."""
+        need = (num_blocks + 1) * self.block_bytes()  # + the CUDA-graph scratch block
+        if self.device.type == "cpu":
+            where, free = "this machine has", host_memory_available()
+        else:
+            where, free = f"{self.device} has", torch.cuda.mem_get_info(self.device)[0]
+        if need > free:
+            raise ConfigError(f"{field}: the KV cache needs {need / 2**30:.1f} GiB; {where} {free / 2**30:.1f} GiB "
+                              f"available")
+        return num_blocks
 
     def _agree_on_min(self, n: int) -> int:
         """Every rank of a gang must size its cache alike: take the smallest."""

@@ -3,7 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, InvalidRequestError
+
+
+def check_text(text: str, what: str = "prompt") -> None:
+    """Text that cannot be encoded as UTF-8: on POSIX, bytes of a command-line argument that were not UTF-8
+    arrive as lone surrogates (Python's surrogateescape), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise InvalidRequestError(f"{what} is not valid UTF-8 ({bad} at character {e.start})") from None
 
 
 class Tokenizer:
@@ -11,6 +22,7 @@ class Tokenizer:
         self.hf = hf_tokenizer
 
     def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
+        check_text(text)
         if not chat:
             return self.hf.encode(text)
         if not self.hf.chat_template:
@@ -29,4 +41,5 @@ def load_tokenizer(path: Path) -> Tokenizer:
     try:
         return Tokenizer(AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model: no usable tokenizer in {path}: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model: no usable tokenizer in {path}: {reason}") from None

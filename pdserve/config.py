@@ -1,11 +1,15 @@
 """Deployment configuration: one YAML file, validated at load against a typed schema.
 
-Unknown keys are errors. Every error names the file, the field path and what is wrong.
-Values derived at run time (the resolved model folder, the number of KV blocks) live
-with the engine, not here.
+Unknown keys, duplicate keys and values of the wrong type are errors (strict types: YAML's
+`yes` is a boolean, never an integer, and "5" is a string). Every error names the file, the
+field path and what is wrong. A relative model path resolves against the YAML file's folder.
+Values derived at run time (the resolved model folder, the number of KV blocks) live with the
+engine, not here; what can be checked against the model's own files without loading its
+weights is in `pdserve.validate`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,16 +28,15 @@ def _power_of_two(v: int) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NOTE: strict: no bool -> int, str -> int or int -> bool coercion (an int is still a valid float).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PoolConfig(_Strict):
     """A pool of identical workers; each worker is a gang of `tp_size` ranks."""
 
     count: int = Field(1, ge=1)
-    tp_size: int = Field(1, ge=1)
-
-    _tp_size_power_of_two = field_validator("tp_size")(_power_of_two)
+    tp_size: int = Field(1, ge=1)  # which sizes a model can run is checked against its heads (pdserve.validate)
 
 
 class RouterConfig(_Strict):
@@ -41,6 +44,12 @@ class RouterConfig(_Strict):
     grpc_port: int = Field(50051, ge=0, le=65535)
     http_port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> RouterConfig:
+        if self.grpc_port == self.http_port and self.grpc_port != 0:  # 0: the OS picks a free port for each
+            raise ValueError(f"grpc_port and http_port are both {self.grpc_port}; they must differ")
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -100,11 +109,16 @@ class DeploymentConfig(_Strict):
         return self
 
 
+_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<top level>"
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if e["type"] in _TYPE_ERRORS:
+            msg += f", got {e['input']!r}"  # e.g. True where YAML read `yes`
         lines.append(f"{source}: {path}: {msg}")
     return "\n".join(lines)
 
@@ -122,15 +136,72 @@ def parse_config(data: object, source: str = "<config>", overrides: dict | None 
 
 
 def load_config(path: str | Path | None = None, **overrides: object) -> DeploymentConfig:
-    """Load a deployment file (None: the embedded default) and apply the keyword overrides that are not None."""
+    """Load a deployment file (None: the embedded default) and apply the keyword overrides that are not None.
+
+    A relative `model:` path in the file resolves against the file's folder; one given as an override
+    (the command line's `--model`) against the current directory.
+    """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if path is None:
         return parse_config({}, "<defaults>", overrides)
     path = Path(path)
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = {**data, "model": resolve_model_path(data.get("model", EMBEDDED_MODEL), path)}
+    return parse_config(data, str(path), overrides)
+
+
+def resolve_model_path(model: object, config_path: str | Path | None) -> object:
+    """A relative model folder named in the file at `config_path`, made absolute against that file's folder;
+    the embedded model's name, absolute paths and values that are not strings (errors later) as they are."""
+    if not isinstance(model, str) or model == EMBEDDED_MODEL or config_path is None:
+        return model
+    folder = os.path.expanduser(model)
+    return folder if os.path.isabs(folder) else os.path.abspath(Path(config_path).parent / folder)
+
+
+def read_yaml(path: Path) -> object:
+    """One YAML document from `path`; every way it can be unreadable is a ConfigError naming the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, str(path), overrides)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                          f"is not UTF-8") from None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader checks every character here
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"{path}: not a YAML text file: character U+{e.character:04X} at offset {e.position} "
+                          f"is not allowed") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _reject_duplicate_keys(node, (), path)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(f"{where}: not valid YAML: {e.problem}{context}") from None
+    finally:
+        loader.dispose()
+
+
+def _reject_duplicate_keys(node: yaml.Node, fields: tuple[str, ...], path: Path) -> None:
+    """YAML itself keeps the last of two equal keys; in a deployment file two are a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                line = key.start_mark.line + 1
+                raise ConfigError(f"{path}:{line}: {'.'.join((*fields, name))}: duplicate key")
+            seen.add(name)
+            _reject_duplicate_keys(value, (*fields, name), path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, (*fields, str(i)), path)
