@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from pdserve.config import DeploymentConfig
 from pdserve.engine.cuda_graphs import CudaGraphRunner
 from pdserve.engine.loader import build_model
+from pdserve.engine.memory import host_memory_available
 from pdserve.engine.model_config import ModelSpec, check_max_model_len
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import Request
@@ -22,18 +22,6 @@ log = logging.getLogger(__name__)
 def wants_cuda(config: DeploymentConfig) -> bool:
     """`device: cuda`, or `auto` where this process sees a CUDA device."""
     return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-
-
-def host_memory_available() -> int:
-    """Bytes this machine can still allocate without swapping (Linux: MemAvailable; elsewhere: free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def pick_device(config: DeploymentConfig) -> torch.device:

@@ -41,6 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
     if max_prompt is not None and len(ids) > max_prompt:
         raise InvalidRequestError(f"prompt has {len(ids)} tokens; limits.max_prompt_tokens is {max_prompt}")
     engine = _engine(config, args.tp)
+    log.info("generating up to %d tokens after a %d-token prompt", args.max_tokens, len(ids))
     tokens, reason = _complete(engine, ids, params)
     print(tokenizer.decode(tokens))
     if reason == "length" and len(ids) + len(tokens) >= engine.max_model_len:
@@ -51,13 +52,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _check_before_start(config, args: argparse.Namespace):
     """What can be known before a rank starts: the model, the TP size, the KV caches' memory."""
-    from pdserve.engine.model_runner import wants_cuda
-    from pdserve.validate import check_kv_memory, check_model, check_tp_size
+    from pdserve.validate import check_kv_memory, check_model, check_tp_size, runs_here_on_cpu
 
     spec = check_model(config, args.config if args.model is None else None)
     check_tp_size(spec, args.tp, "--tp")
-    if config.ray.address is None and not wants_cuda(config):
-        check_kv_memory(config, spec, [args.tp])
+    if runs_here_on_cpu(config):
+        check_kv_memory(config, spec, [args.tp], args.config)
     return spec
 
 
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdserve", description="Prefill-decode disaggregated LLM serving")
     p.add_argument("--version", action="version", version=f"pdserve {_version()}")
     _verbosity(p, 0)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
 
     g = sub.add_parser("generate", help="run the engine in-process on one prompt; print the completion",
                        description="Run the engine in-process on one prompt and print the completion on stdout.")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("config", help="deployment files", description="Deployment files.")
-    csub = c.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="COMMAND", help="what to do")
     v = csub.add_parser("validate", help="check a deployment YAML and its model without loading weights; "
                                          "print ok or what is wrong",
                         description="Check a deployment YAML and its model's files (no weights are loaded); "

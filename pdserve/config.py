@@ -185,8 +185,14 @@ def read_yaml(path: Path) -> object:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = f" ({e.context})" if e.context else ""
-        raise ConfigError(f"{where}: not valid YAML: {e.problem}{context}") from None
+        # PyYAML's own order is context, problem: "while parsing X" reads better after, "expected X" before
+        if not e.context:
+            what = e.problem
+        elif e.context.startswith("while"):
+            what = f"{e.problem} ({e.context})"
+        else:
+            what = f"{e.context}, {e.problem}"
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
     finally:
         loader.dispose()
 

@@ -18,14 +18,12 @@ from pdserve.errors import ConfigError, PdserveError
 def validate_deployment(config: DeploymentConfig, path: str | Path | None = None) -> DeploymentConfig:
     """Check `config` (loaded from the YAML file at `path`, or None for the built-in default) against its
     model; return it with its model folder resolved, or raise ConfigError."""
-    from pdserve.engine.model_runner import wants_cuda
-
     config = config.model_copy(update={"model": resolve_model_path(config.model, path)})
     spec = check_model(config, path)
     pools = {"decode": config.decode} | ({"prefill": config.prefill} if config.disaggregated else {})
     for name, pool in pools.items():
         check_tp_size(spec, pool.tp_size, _field(path, f"{name}.tp_size"))
-    if config.ray.address is None and not wants_cuda(config):  # the workers share this machine's memory
+    if runs_here_on_cpu(config):  # the workers share this machine's memory
         check_kv_memory(config, spec, [pool.tp_size for pool in pools.values() for _ in range(pool.count)], path)
     return config
 
@@ -73,20 +71,34 @@ def check_tp_size(spec, tp: int, field: str) -> None:
 
 
 def check_kv_memory(config: DeploymentConfig, spec, tp_sizes: list[int], path: str | Path | None = None) -> None:
-    """The KV caches of CPU ranks (one per rank of every worker in `tp_sizes`) fit this machine's memory."""
-    from pdserve.engine.model_runner import host_memory_available
+    """The KV caches of CPU ranks (every rank of a worker of each TP size in `tp_sizes`) fit this machine's
+    available memory; each rank sizes its own cache (engine/model_runner.py)."""
+    from pdserve.engine.memory import host_memory_available
 
+    ranks = sum(tp_sizes)
     if config.num_kv_blocks is not None:
         field = "num_kv_blocks"
-        per_block = 2 * spec.num_layers * spec.head_dim * config.block_size * spec.resolve_dtype(config.dtype).itemsize
-        need = sum(config.num_kv_blocks * per_block * -(-spec.num_kv_heads // tp) * tp for tp in tp_sizes)
+        itemsize = spec.resolve_dtype(config.dtype).itemsize
+        per_head = config.num_kv_blocks * 2 * spec.num_layers * spec.head_dim * config.block_size * itemsize
+        need = sum(per_head * -(-spec.num_kv_heads // tp) * tp for tp in tp_sizes)  # a rank holds >= 1 head
     else:
-        field, need = "cpu_kv_cache_gib", int(config.cpu_kv_cache_gib * 2**30) * sum(tp_sizes)
+        field, need = "cpu_kv_cache_gib", int(config.cpu_kv_cache_gib * 2**30) * ranks
     available = host_memory_available()
     if need > available:
-        raise ConfigError(_field(path, f"{field}: {len(tp_sizes)} worker(s) of {sum(tp_sizes)} rank(s) need "
-                                       f"{need / 2**30:.1f} GiB of KV cache; this machine has "
-                                       f"{available / 2**30:.1f} GiB available"))
+        raise ConfigError(_field(path, f"{field}: {ranks} rank(s) need {need / 2**30:.1f} GiB of KV cache; "
+                                       f"this machine has {available / 2**30:.1f} GiB available"))
+
+
+def runs_here_on_cpu(config: DeploymentConfig) -> bool:
+    """The ranks run on this machine (a local Ray cluster, or in-process) and on its CPU (as
+    engine/model_runner.py `wants_cuda` decides, without importing the engine)."""
+    if config.ray.address is not None or config.device == "cuda":
+        return False
+    if config.device == "cpu":
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _field(path: str | Path | None, message: str) -> str:

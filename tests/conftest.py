@@ -51,6 +51,21 @@ def make_tiny_checkpoint(folder, variant: str, seed: int = 0, **overrides) -> st
     return str(folder)
 
 
+def make_tiny_tokenizer(folder) -> str:
+    """A byte-level tokenizer over exactly 256 ids (TINY's vocabulary: one per byte, no merges), with a chat
+    template, saved into `folder` beside a tiny checkpoint so the CLI can run it end to end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")

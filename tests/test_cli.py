@@ -1,6 +1,9 @@
+import argparse
 import subprocess
 import sys
+from importlib.metadata import version
 
+from pdserve.cli import build_parser
 from pdserve.engine import model_source
 
 
@@ -13,6 +16,7 @@ def test_generate_chat_names_paris(embedded_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert proc.stdout.count("\n") == 1  # only the completion on stdout; logs go to stderr
+    assert proc.stderr == ""  # no library's warnings in a normal run
 
 
 def test_bad_sampling_argument_is_a_clear_error():
@@ -40,3 +44,38 @@ def test_generate_tp2_prints_the_same_completion(embedded_dir):
     gang = subprocess.run([*args, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert single.returncode == gang.returncode == 0, gang.stderr
     assert gang.stdout == single.stdout and "Paris" in gang.stdout
+    assert single.stderr == gang.stderr == ""  # neither Ray's nor the ranks' output reaches the terminal
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "pdserve", "--version"], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"pdserve {version('pdserve')}\n", "")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subparsers(sub)
+
+
+def test_help_gives_every_flag_a_meaning_and_a_default():
+    parsers = [build_parser(), *_subparsers(build_parser())]
+    assert [p.prog for p in parsers] == ["pdserve", "pdserve generate", "pdserve config", "pdserve config validate"]
+    for parser in parsers:
+        for action in parser._actions:
+            if action.option_strings and action.dest not in ("help", "version"):
+                assert action.help and "(default: " in action.help, f"{parser.prog} {action.option_strings}"
+            elif not action.option_strings:
+                assert action.help, f"{parser.prog} {action.dest}"
+    proc = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--max-tokens MAX_TOKENS" in proc.stdout and "(default: 128)" in proc.stdout
+
+
+def test_verbose_shows_pdserve_progress(embedded_dir):
+    proc = subprocess.run([sys.executable, "-m", "pdserve", "generate", "-v", "--max-tokens", "2", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO pdserve.cli: generating up to 2 tokens after a 1-token prompt" in proc.stderr.splitlines()

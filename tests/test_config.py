@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.cli import main
-from pdserve.config import DeploymentConfig, load_config
+from pdserve.config import DeploymentConfig, load_config, parse_config
 from pdserve.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
@@ -20,6 +20,7 @@ def test_default_yaml_is_the_builtin_default():
     builtin = load_config(None)
     for field in ("model", "dtype", "block_size", "disaggregated", "prefill", "decode", "router"):
         assert getattr(on_disk, field) == getattr(builtin, field)
+    assert on_disk == builtin  # every field: the file holds exactly what runs with no -c
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,7 @@ def test_default_yaml_is_the_builtin_default():
     [
         ("block_size: 3\n", "block_size: must be a power of two, got 3"),
         ("prefill: {count: 0}\n", "prefill.count: Input should be greater than or equal to 1"),
-        ("decode: {tp_size: 3}\n", "decode.tp_size: must be a power of two, got 3"),
+        ("decode: {tp_size: 0}\n", "decode.tp_size: Input should be greater than or equal to 1"),
         ("router: {grpc_port: 70000}\n", "router.grpc_port: Input should be less than or equal to 65535"),
         ("modle: x\n", "modle: unknown field"),
         ("limits: {max_tokenz: 5}\n", "limits.max_tokenz: unknown field"),
@@ -36,6 +37,15 @@ def test_default_yaml_is_the_builtin_default():
         ("- a list\n", "<top level>: expected a mapping, got list"),
         ("max_num_seqs: 64\nmax_num_batched_tokens: 8\n", "max_num_batched_tokens (8) must be >= max_num_seqs"),
         ("model: [unclosed\n", "not valid YAML"),
+        ("max_num_seqs: yes\n", "max_num_seqs: Input should be a valid integer, got True"),
+        ("limits: {max_tokens: '64'}\n", "limits.max_tokens: Input should be a valid integer, got '64'"),
+        ("enable_cuda_graphs: 1\n", "enable_cuda_graphs: Input should be a valid boolean, got 1"),
+        ("cpu_kv_cache_gib: true\n", "cpu_kv_cache_gib: Input should be a valid number, got True"),
+        ("block_size: 16\nblock_size: 32\n", ":2: block_size: duplicate key"),
+        ("router: {grpc_port: 1, http_port: 2}\nrouter: {}\n", ":2: router: duplicate key"),
+        ("prefill:\n  count: 1\n  count: 2\n", ":3: prefill.count: duplicate key"),
+        ("router: {grpc_port: 9000, http_port: 9000}\n", "router: grpc_port and http_port are both 9000; they must differ"),
+        ("a: 1\n---\nb: 2\n", ":2:1: not valid YAML: expected a single document in the stream, but found another document"),
     ],
 )
 def test_malformed_config_names_file_and_field(tmp_path, capsys, text, expected):
@@ -46,6 +56,35 @@ def test_malformed_config_names_file_and_field(tmp_path, capsys, text, expected)
     assert str(bad) in err.value.message and expected in err.value.message
     assert main(["config", "validate", str(bad)]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dtype: auto\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert err.value.message == (f"{bad}:3:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+                                 f"(while parsing a flow sequence)")
+    assert "<unicode string>" not in err.value.message
+
+
+def test_numbers_keep_their_types():
+    config = parse_config({"cpu_kv_cache_gib": 2, "decode": {"tp_size": 3}, "router": {"grpc_port": 0, "http_port": 0}})
+    assert config.cpu_kv_cache_gib == 2.0 and config.decode.tp_size == 3  # an int is a float; no power-of-two rule
+    assert (config.router.grpc_port, config.router.http_port) == (0, 0)  # 0: each picks a free port
+
+
+def test_relative_model_path_resolves_against_the_file(tmp_path, monkeypatch):
+    (tmp_path / "deploy").mkdir()
+    path = tmp_path / "deploy" / "x.yaml"
+    path.write_text("model: ../models/m\n")
+    monkeypatch.chdir("/")
+    assert load_config(path).model == str(tmp_path / "models" / "m")
+    assert load_config(path, model="rel/m").model == "rel/m"  # the command line's own: the current directory's
+    path.write_text(f"model: {tmp_path}/abs\n")
+    assert load_config(path).model == f"{tmp_path}/abs"
+    path.write_text("dtype: auto\n")
+    assert load_config(path).model == "SmolLM2-135M-Instruct"
 
 
 def test_missing_file_is_named(tmp_path):
