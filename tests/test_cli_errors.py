@@ -80,7 +80,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (bad_json / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n')
-    for folder, edit in [(wrong_shape, {"intermediate_size": 96}), (lacking, {"hidden_size": None, "vocab_size": None})]:
+    for folder, edit in [(wrong_shape, {"intermediate_size": 96}),
+                         (lacking, {"hidden_size": None, "vocab_size": None})]:
         cfg = {**json.loads((folder / "config.json").read_text()), **edit}
         (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     three_kv = make_tiny_checkpoint(root / "three-kv", "llama-gqa-untied", num_key_value_heads=3,
@@ -164,8 +165,8 @@ def test_stop_at_max_model_len_says_so(models):
     """Not an error: the completion is printed, and a notice on stderr says why it stopped."""
     folder = models["root"] / "deployments"
     folder.mkdir(exist_ok=True)
-    path = deployment(folder, "model: ../good\ndevice: cpu\ndtype: float32\nmax_model_len: 16\ncpu_kv_cache_gib: 0.01\n",
-                      name="len.yaml")
+    path = deployment(folder, "model: ../good\ndevice: cpu\ndtype: float32\nmax_model_len: 16\n"
+                              "cpu_kv_cache_gib: 0.01\n", name="len.yaml")
     proc = run_cli("generate", "-c", str(path), "--max-tokens", "100", "hello", cwd=folder.parent.parent)
     assert proc.returncode == 0 and proc.stdout.endswith("\n"), proc.stderr
     assert proc.stderr == "finish_reason: length (prompt 5 + completion 11 tokens reached max_model_len 16)\n"

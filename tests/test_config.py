@@ -44,8 +44,10 @@ def test_default_yaml_is_the_builtin_default():
         ("block_size: 16\nblock_size: 32\n", ":2: block_size: duplicate key"),
         ("router: {grpc_port: 1, http_port: 2}\nrouter: {}\n", ":2: router: duplicate key"),
         ("prefill:\n  count: 1\n  count: 2\n", ":3: prefill.count: duplicate key"),
-        ("router: {grpc_port: 9000, http_port: 9000}\n", "router: grpc_port and http_port are both 9000; they must differ"),
-        ("a: 1\n---\nb: 2\n", ":2:1: not valid YAML: expected a single document in the stream, but found another document"),
+        ("router: {grpc_port: 9000, http_port: 9000}\n",
+         "router: grpc_port and http_port are both 9000; they must differ"),
+        ("a: 1\n---\nb: 2\n",
+         ":2:1: not valid YAML: expected a single document in the stream, but found another document"),
     ],
 )
 def test_malformed_config_names_file_and_field(tmp_path, capsys, text, expected):
