@@ -38,7 +38,7 @@ _RemoteRank = ray.remote(TPRank)
 class TPGang:
     def __init__(self, config: DeploymentConfig, tp_size: int):
         path = resolve_model(config.model)  # convert the embedded model once, here, not per rank
-        self.config = config.model_copy(update={"model": str(path)})
+        self.config = config.model_copy(update={"model": str(path.absolute())})  # the ranks may not share our cwd
         self.spec = load_model_spec(path)
         self.tp_size = tp_size
         self.use_gpus = wants_cuda(config)
