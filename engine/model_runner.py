@@ -9,7 +9,8 @@ from pdserve.config import DeploymentConfig
 from pdserve.engine.cuda_graphs import CudaGraphRunner
 from pdserve.engine.loader import build_model
 from pdserve.engine.memory import host_memory_available
-from pdserve.engine.model_config import ModelSpec, check_max_model_len
+from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.model_shape import check_max_model_len
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import Sampler, SamplerOutput, SamplingBatch

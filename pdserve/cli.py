@@ -34,8 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
-    spec = _check_before_start(config, args)
-    tokenizer = load_tokenizer(spec.path)
+    shape = _check_before_start(config, args)
+    tokenizer = load_tokenizer(shape.path)
     ids = tokenizer.encode_prompt(args.prompt, chat=args.chat)
     max_prompt = config.limits.max_prompt_tokens
     if max_prompt is not None and len(ids) > max_prompt:
@@ -54,11 +54,11 @@ def _check_before_start(config, args: argparse.Namespace):
     """What can be known before a rank starts: the model, the TP size, the KV caches' memory."""
     from pdserve.validate import check_kv_memory, check_model, check_tp_size, runs_here_on_cpu
 
-    spec = check_model(config, args.config if args.model is None else None)
-    check_tp_size(spec, args.tp, "--tp")
+    shape = check_model(config, args.config if args.model is None else None)
+    check_tp_size(shape, args.tp, "--tp")
     if runs_here_on_cpu(config):
-        check_kv_memory(config, spec, [args.tp], args.config)
-    return spec
+        check_kv_memory(config, shape, [args.tp], args.config)
+    return shape
 
 
 def _engine(config, tp: int):

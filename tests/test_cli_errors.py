@@ -98,10 +98,9 @@ def deployment(tmp_path: Path, text: str, name: str = "deploy.yaml") -> Path:
 
 # --- model folders ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, message", [
-    ("zero", "{p}/model.safetensors is not a readable safetensors file (Error while deserializing header: "
-             "header too small)"),
-    ("truncated", "{p}/model.safetensors is not a readable safetensors file (Error while deserializing header: "
-                  "incomplete metadata, file not fully covered)"),
+    ("zero", "{p}/model.safetensors is not a readable safetensors file (0 bytes: no whole header)"),
+    ("truncated", "{p}/model.safetensors is not a readable safetensors file (truncated: its header describes "
+                  "{full} bytes, the file has {half})"),
     ("bad-json", "{p}/config.json is not valid JSON (line 2, column 1: Expecting property name enclosed in "
                  "double quotes)"),
     ("shape", "model.safetensors holds layers.0.mlp.down_proj.weight of shape [64, 128], but {p}/config.json "
@@ -110,14 +109,15 @@ def deployment(tmp_path: Path, text: str, name: str = "deploy.yaml") -> Path:
 ])
 def test_broken_model_folder_is_one_line(models, name, message):
     proc = run_cli("generate", "--model", str(models[name]), "hi")
-    assert_error(proc, "error: model: " + message.format(p=models[name]))
+    full = (models["good"] / "model.safetensors").stat().st_size
+    assert_error(proc, "error: model: " + message.format(p=models[name], full=full, half=full // 2))
 
 
 def test_broken_weights_fail_validation_too(models, tmp_path):
     path = deployment(tmp_path, f"model: {models['zero']}\n")
     assert_error(run_cli("config", "validate", str(path)),
                  f"error: {path}: model: {models['zero']}/model.safetensors is not a readable safetensors file "
-                 f"(Error while deserializing header: header too small)")
+                 f"(0 bytes: no whole header)")
 
 
 # --- the command line ---------------------------------------------------------------------------------------

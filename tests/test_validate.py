@@ -15,8 +15,9 @@ from pdserve.config import load_config
 from pdserve.engine.checkpoint import check_checkpoint, expected_shapes
 from pdserve.engine.memory import host_memory_available
 from pdserve.engine.model_config import load_model_spec
+from pdserve.engine.model_shape import load_model_shape
 from pdserve.engine.tokenizer import check_text
-from pdserve.errors import ConfigError, InvalidRequestError
+from pdserve.errors import ConfigError, InvalidRequestError, UnsupportedModelError
 from pdserve.validate import tp_sizes_for, validate_deployment
 
 
@@ -58,9 +59,9 @@ def test_tp_sizes_follow_the_engine_splits(three_kv, tmp_path, tp, ok):
 
 
 def test_tp_sizes_name_the_intermediate_size(three_kv):
-    spec = load_model_spec(Path(three_kv))
-    assert tp_sizes_for(spec, 12) == [1, 2, 3, 6]
-    odd = dataclasses.replace(spec, intermediate_size=97)
+    shape = load_model_shape(Path(three_kv))
+    assert tp_sizes_for(shape, 12) == [1, 2, 3, 6]
+    odd = dataclasses.replace(shape, intermediate_size=97)
     assert tp_sizes_for(odd, 12) == [1]
 
 
@@ -165,3 +166,41 @@ def test_text_that_is_not_utf8_is_named():
     with pytest.raises(InvalidRequestError, match=r"^prompt is not valid UTF-8 \(U\+D800 at character 0\)$"):
         check_text("\ud800")
 
+
+
+def test_spec_shapes_agree_with_transformers(tiny_checkpoints):
+    """The shapes come from config.json itself (model_shape.py); transformers reads the same numbers."""
+    from transformers import AutoConfig
+
+    for path in tiny_checkpoints.values():
+        spec, cfg = load_model_spec(Path(path)), AutoConfig.from_pretrained(path)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        assert (spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.num_heads,
+                spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings, spec.tie_word_embeddings) == (
+            cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, head_dim, cfg.max_position_embeddings, cfg.tie_word_embeddings), path
+
+
+@pytest.mark.parametrize("variant, edit, message", [
+    ("qwen3-qk-norm", {"head_dim": None}, "lacks required fields: head_dim"),
+    ("mistral-sliding-window", {"num_key_value_heads": None}, "lacks required fields: num_key_value_heads"),
+    ("llama-gqa-untied", {"torch_dtype": "float64", "dtype": None}, ": dtype 'float64' is not supported"),
+    ("llama-gqa-untied", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_parameters": None},
+     "rope scaling type 'yarn' is not supported"),
+])
+def test_config_json_fields_the_shapes_need(tmp_path, tiny_checkpoints, variant, edit, message):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints[variant], model)
+    cfg = {**json.loads((model / "config.json").read_text()), **edit}
+    (model / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    with pytest.raises((ConfigError, UnsupportedModelError), match=re.escape(message)):
+        load_model_shape(model)
+
+
+def test_safetensors_header_that_is_not_json(tmp_path, three_kv):
+    model = tmp_path / "m"
+    shutil.copytree(three_kv, model)
+    (model / "model.safetensors").write_bytes((5).to_bytes(8, "little") + b"{oops")
+    with pytest.raises(ConfigError, match=rf"^model: {model}/model.safetensors is not a readable safetensors file "
+                                          r"\(its header is not a safetensors header\)$"):
+        check_checkpoint(load_model_shape(model))
