@@ -119,7 +119,8 @@ async def _respond(request: Request, core: RouterCore, inputs: list[GenerateInpu
     except BaseException:
         fan.close()
         raise
-    return StreamingResponse(_events(fan, fmt, first, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_events(fan, fmt, first, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 async def _collect(fan: FanOut, fmt: _Format) -> dict:
