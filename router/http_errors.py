@@ -125,8 +125,8 @@ class BodyGuard:
                 return b"".join(chunks), None
 
     def _too_large(self, size: int | None) -> ApiError:
-        what = f"{size} bytes" if size is not None else "the request body"
-        return ApiError(413, f"{what} over the limit of {self.max_request_bytes} bytes (limits.max_request_bytes)",
+        what = f"The request body ({size} bytes)" if size is not None else "The request body"
+        return ApiError(413, f"{what} is over the limit of {self.max_request_bytes} bytes (limits.max_request_bytes)",
                         code="request_too_large")
 
 
