@@ -221,15 +221,12 @@ class HttpServer:
     def __init__(self, server: uvicorn.Server, task: asyncio.Task, port: int):
         self._server, self._task, self.port = server, task, port
 
-    async def stop(self, timeout_s: float = 5.0):
-        """Stop accepting, let open responses finish within `timeout_s`, then close them."""
+    async def stop(self, grace_s: float = 5.0):
+        """Stop accepting and close idle connections; responses still open after `grace_s` are cancelled
+        (a cancelled stream aborts its requests in the core). Drain the core first to let them finish."""
+        self._server.config.timeout_graceful_shutdown = grace_s  # read by uvicorn when it shuts down
         self._server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except TimeoutError:
-            self._server.force_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task
 
 
 class _Server(uvicorn.Server):
@@ -243,7 +240,7 @@ async def start_http_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0
     """Serve `app` on `host:port` from the running event loop; returns once it accepts connections.
     Binding errors (port in use) raise OSError here."""
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

@@ -185,8 +185,16 @@ def test_bad_requests_leave_other_streams_alone(server, core):
 
 
 def test_port_zero_and_stop():
-    srv = ServerThread(FakeCore())
+    core = FakeCore()
+    core.script = lambda request: [*default_script(request)[:1], HANG]
+    srv = ServerThread(core)
     assert srv.server.port > 0 and httpx.get(srv.url + "/v1/models").status_code == 200  # no key set: open
-    srv.stop()
+    with httpx.stream("POST", srv.url + "/v1/completions", json=completion(stream=True)) as r:
+        next(r.iter_lines())  # a stream is open, its request hangs in the core
+        start = time.monotonic()
+        srv.call(srv.server.stop(grace_s=0.5))
+        assert time.monotonic() - start < 2.0
+    assert core.wait_closed("cmpl-", timeout_s=1.0) < 1.0
+    srv.loop.call_soon_threadsafe(srv.loop.stop)
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/health")
