@@ -51,6 +51,27 @@ def make_tiny_checkpoint(folder, variant: str, seed: int = 0, **overrides) -> st
     return str(folder)
 
 
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def add_byte_tokenizer(folder) -> None:
+    """Give a tiny checkpoint a real tokenizer over its 256-id vocabulary: byte-level, one id per byte, no
+    merges (so any text encodes and every id decodes), with a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[2])
+    fast.chat_template = BYTE_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
