@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from pdserve.router.metrics import Metrics
 
@@ -39,21 +39,20 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready; its requests were aborted."""
 
 
-def error_kind(error: ApiError) -> str:
-    return error.code
+def from_validation(e: ValidationError) -> ApiError:
+    """A body that does not parse or fit the schema, as the OpenAI API answers it: 400 naming the parameter.
 
-
-def from_validation(e: RequestValidationError) -> ApiError:
-    """FastAPI's 422 as the OpenAI API answers it: 400, naming the first bad parameter."""
+    Of several errors the deepest is named: for a union (`prompt` as text or token ids) it is the member
+    the client meant (`prompt[1]: Input should be a valid integer`), not the first member tried.
+    """
     errors = e.errors()
-    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
-    loc = [part for part in first["loc"] if part != "body"]
+    first = max(errors, key=lambda err: len(err["loc"])) if errors else {"type": "", "loc": (), "msg": "invalid"}
     if first["type"] == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", first["msg"])
         return ApiError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
-    if not loc:
+    if not first["loc"]:
         return ApiError(400, "The request body must be a JSON object", code="invalid_argument")
-    param = _param(loc)
+    param = _param(first["loc"])
     if first["type"] == "missing":
         return ApiError(400, f"{param} is required", param=param, code="invalid_argument")
     return ApiError(400, f"{param}: {first['msg']}", param=param, code="invalid_argument")
@@ -63,7 +62,7 @@ def from_validation(e: RequestValidationError) -> ApiError:
 _NESTED = {"role", "content", "text", "type", "include_usage"}
 
 
-def _param(loc: list) -> str:
+def _param(loc: tuple) -> str:
     """('messages', 0, 'role') -> 'messages[0].role'; union member tags ('str', 'list[int]') dropped."""
     out = str(loc[0])
     for part in loc[1:]:
@@ -88,7 +87,7 @@ class BodyGuard:
         if error is None:
             body, error = await self._read_body(receive)
         if error is not None:
-            self.metrics.error(error_kind(error))
+            self.metrics.error(error.code)
             return await error.response()(scope, receive, send)
         if body is None:  # the client left while sending
             return None

@@ -88,7 +88,7 @@ class _Choice:
     started: bool = False  # chat streams: the first chunk carries the role
 
 
-class _Format:
+class ResponseFormat:
     """Accumulates a request's choices and writes its bodies; subclasses give the endpoint's shapes."""
 
     def __init__(self, core: RouterCore, request_id: str, model: str, n: int, logprobs: bool):
@@ -134,7 +134,7 @@ class _Format:
         return self._token_texts[token_id]
 
 
-class ChatFormat(_Format):
+class ChatFormat(ResponseFormat):
     def _chunk(self, index, choice, delta, logprobs):
         role = None if choice.started else "assistant"
         choice.started = True
@@ -164,7 +164,7 @@ class ChatFormat(_Format):
         return ChatLogprobs(content=content)
 
 
-class CompletionFormat(_Format):
+class CompletionFormat(ResponseFormat):
     def _chunk(self, index, choice, delta, logprobs):
         return CompletionResponse(id=self.request_id, model=self.model, choices=[CompletionChoice(
             index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason)])

@@ -18,13 +18,13 @@ import uuid
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from pdserve.errors import PdserveError
 from pdserve.router.frontend import GenerateInput, RouterCore
-from pdserve.router.http_errors import ApiError, BodyGuard, ClientGone, error_kind, from_validation
+from pdserve.router.http_errors import ApiError, BodyGuard, ClientGone, from_validation
 from pdserve.router.metrics import CONTENT_TYPE, Metrics
 from pdserve.router.openai_schema import (
     ChatCompletionRequest,
@@ -35,7 +35,7 @@ from pdserve.router.openai_schema import (
     chat_inputs,
     completion_inputs,
 )
-from pdserve.router.openai_serving import ChatFormat, CompletionFormat, FanOut, _Format
+from pdserve.router.openai_serving import ChatFormat, CompletionFormat, FanOut, ResponseFormat
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
     _add_error_handlers(app, metrics)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatCompletionRequest)
         model = _served_model(core, body.model)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         inputs = chat_inputs(body, request_id, default_max_tokens or core.model_info().max_model_len)
@@ -63,7 +64,8 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         return await _respond(request, core, inputs, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
         model = _served_model(core, body.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         fmt = CompletionFormat(core, request_id, model, body.n, body.logprobs is not None)
@@ -94,6 +96,14 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
     return app
 
 
+async def _parse(request: Request, schema: type[BaseModel]):
+    """The body as `schema`, whatever its Content-Type says (`curl -d` sends a form's)."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
 def _served_model(core: RouterCore, requested: str | None) -> str:
     served = core.model_info().model
     if requested is not None and requested != served:
@@ -107,8 +117,8 @@ def _model_card(core: RouterCore) -> ModelCard:
     return ModelCard(id=info.model, max_model_len=info.max_model_len)
 
 
-async def _respond(request: Request, core: RouterCore, inputs: list[GenerateInput], fmt: _Format, stream: bool,
-                   include_usage: bool) -> Response:
+async def _respond(request: Request, core: RouterCore, inputs: list[GenerateInput], fmt: ResponseFormat,
+                   stream: bool, include_usage: bool) -> Response:
     """Run the choices; a whole response, or an SSE stream once the first delta came (so that an error
     before it, e.g. a full queue, still gets its own status)."""
     fan = FanOut(core, inputs)
@@ -123,7 +133,7 @@ async def _respond(request: Request, core: RouterCore, inputs: list[GenerateInpu
                              headers={"Cache-Control": "no-cache"})
 
 
-async def _collect(fan: FanOut, fmt: _Format) -> dict:
+async def _collect(fan: FanOut, fmt: ResponseFormat) -> dict:
     try:
         async for index, delta in fan:
             fmt.add(index, delta, stream=False)
@@ -132,7 +142,7 @@ async def _collect(fan: FanOut, fmt: _Format) -> dict:
         fan.close()
 
 
-async def _events(fan: FanOut, fmt: _Format, first, include_usage: bool):
+async def _events(fan: FanOut, fmt: ResponseFormat, first, include_usage: bool):
     """The SSE body. Starlette cancels this generator when the client goes away: `fan.close()` then
     aborts every choice in the core."""
     try:
@@ -192,8 +202,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics):
     """Errors the front door raises itself are counted here; the core counts its own."""
 
     async def own(request: Request, e: Exception):
-        error = from_validation(e) if isinstance(e, RequestValidationError) else _api_error(e)
-        metrics.error(error_kind(error))
+        error = _api_error(e)
+        metrics.error(error.code)
         return error.response()
 
     async def from_core(request: Request, e: PdserveError):
@@ -202,13 +212,13 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics):
     async def http(request: Request, e: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         error = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
-        metrics.error(error_kind(error))
+        metrics.error(error.code)
         return error.response()
 
     async def gone(request: Request, e: ClientGone):
         return Response(status_code=499)
 
-    for kind in (RequestValidationError, ApiError, ParamError, Exception):
+    for kind in (ApiError, ParamError, Exception):
         app.add_exception_handler(kind, own)
     app.add_exception_handler(PdserveError, from_core)
     app.add_exception_handler(HTTPException, http)

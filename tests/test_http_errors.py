@@ -52,7 +52,7 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/chat/completions", chat(max_tokens=-1), 400, "max_tokens", ">= 1"),
     ("/v1/chat/completions", chat(max_completion_tokens=0), 400, "max_completion_tokens", ">= 1"),
     ("/v1/chat/completions", chat(stream="yes"), 400, "stream", "boolean"),
-    ("/v1/chat/completions", chat(messages="hi"), 400, "messages", "list"),
+    ("/v1/chat/completions", chat(messages="hi"), 400, "messages", "array"),
     ("/v1/chat/completions", chat(messages=[]), 400, "messages", "empty"),
     ("/v1/chat/completions", chat(messages=[{"content": "x"}]), 400, "messages[0].role", "required"),
     ("/v1/chat/completions", chat(top_logprobs=3), 400, "top_logprobs", "logprobs"),
@@ -62,7 +62,7 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", completion(prompt=""), 400, "prompt", "empty"),
     ("/v1/completions", completion(prompt=[]), 400, "prompt", "empty"),
     ("/v1/completions", completion(prompt=["a", "b"]), 400, "prompt", "one prompt"),
-    ("/v1/completions", completion(prompt=[1, "a"]), 400, "prompt", ""),
+    ("/v1/completions", completion(prompt=[1, "a"]), 400, "prompt[1]", "integer"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt", "required"),
     ("/v1/completions", completion(max_tokens=-1), 400, "max_tokens", ">= 1"),
     ("/v1/completions", completion(stop=["", "x"]), 400, "stop", "empty"),
@@ -70,6 +70,8 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", completion(seed=1.5), 400, "seed", "integer"),
     ("/v1/completions", completion(model="gpt-4"), 404, "model", "gpt-4"),
     ("/v1/completions", [1, 2], 400, None, "JSON object"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+     "messages[0].content[0].type", "'text'"),
 ]
 
 
@@ -84,9 +86,16 @@ def test_bad_input(server, core, path, body, status, param, words):
         assert error["code"] == "model_not_found"
 
 
-def test_malformed_json(server, core):
-    r = post(server, "/v1/chat/completions", content=b'{"model": "fake-model", "messages": [')
+@pytest.mark.parametrize("content", [b'{"model": "fake-model", "messages": [', b"", b"model=x", b'{"a": "\xff"}'])
+def test_malformed_json(server, core, content):
+    r = post(server, "/v1/chat/completions", content=content)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_json_without_its_content_type(server, core):  # `curl -d` sends a form's
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(completion()).encode(), headers=AUTH)
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
 
 
 def test_api_key(server):
