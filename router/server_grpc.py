@@ -51,18 +51,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await _abort_with(context, err)
         request_id = generate_input.request_id
         failure: PdserveError | None = None
-        # NOTE: aclosing: whatever ends this handler (cancel, deadline, error, server stop) closes the
-        # core's iterator, and closing it is how the core learns to abort the request.
-        async with contextlib.aclosing(self.core.generate(generate_input)) as deltas:
-            try:
+        try:
+            # NOTE: aclosing: whatever ends this handler (cancel, deadline, error, server stop) closes the
+            # core's iterator, and closing it is how the core learns to abort the request.
+            async with contextlib.aclosing(self.core.generate(generate_input)) as deltas:
                 async for delta in deltas:
                     yield grpc_convert.to_response(request_id, delta)
-            except PdserveError as err:
-                failure = err
-            except Exception:
-                log.exception("request %s failed", request_id)
-                # never a client's fault; nothing of the server's insides goes out
-                failure = PdserveError(f"internal error (request {request_id})")
+        except PdserveError as err:
+            failure = err
+        except Exception:
+            log.exception("request %s failed", request_id)
+            # never a client's fault; nothing of the server's insides goes out
+            failure = PdserveError(f"internal error (request {request_id})")
         if failure is not None:  # after the close: the request is gone from the core when the status goes out
             await _abort_with(context, failure)
 
@@ -123,13 +123,14 @@ class GrpcServer:
         self._health = health_servicer
         self._enabled = True
         self._wake = asyncio.Event()
-        self._health_task = asyncio.get_running_loop().create_task(self._follow_core_health())
+        self._loop = asyncio.get_running_loop()
+        self._health_task = self._loop.create_task(self._follow_core_health())
 
     def set_serving(self, serving: bool) -> None:
         """False: NOT_SERVING whatever the core says (draining); True: follow `core.is_serving()` again.
-        Call it from the server's event loop."""
+        Safe from any thread (a signal handler, another loop)."""
         self._enabled = serving
-        self._wake.set()
+        self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls, give running ones `grace_s` seconds, then cancel them

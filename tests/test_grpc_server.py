@@ -45,8 +45,9 @@ def scripted_error(name: str) -> PdserveError:
 
 class FakeCore:
     """A RouterCore whose requests follow the prompt: "hello" streams two deltas, "hang" one and then
-    waits forever, "error:<CODE>" raises at once, "late-error:<CODE>" after one delta, "crash" raises a
-    plain exception, "logprobs" streams logprobs; anything else finishes with one delta."""
+    waits forever, "refuse-at-once" raises from `generate` itself, "error:<CODE>" raises at once,
+    "late-error:<CODE>" after one delta, "crash" raises a plain exception, "logprobs" streams logprobs;
+    anything else streams as "hello" does."""
 
     def __init__(self, serving: bool = True):
         self.serving = serving
@@ -66,6 +67,8 @@ class FakeCore:
 
     def generate(self, request: GenerateInput):
         self.requests.append(request)
+        if request.text == "refuse-at-once":  # a core may refuse before it hands out an iterator
+            raise scripted_error("RESOURCE_EXHAUSTED")
         return self._run(request)
 
     async def _run(self, request: GenerateInput):
@@ -235,6 +238,10 @@ def test_core_errors_map_to_their_status(url, code):
     assert err.code is code and err.message.startswith(f"{code.grpc_name}: ")
 
 
+def test_an_error_raised_by_the_call_itself_maps_too(url):
+    expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, stream_generate, url, text="refuse-at-once")
+
+
 def test_an_error_mid_stream_follows_the_messages_before_it(url):
     received = []
     with pytest.raises(RemoteError) as info:
@@ -314,7 +321,7 @@ def reflected_services(url: str) -> list[str]:
         return list(ProtoReflectionDescriptorDatabase(channel).get_services())
 
 
-def test_health_follows_the_core_and_set_serving(loop, serve):
+def test_health_follows_the_core_and_set_serving(serve):
     core = FakeCore(serving=False)
     server, url = serve(core)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -323,9 +330,9 @@ def test_health_follows_the_core_and_set_serving(loop, serve):
     core.serving = True
     for service in ("", "pdserve.v1.Generation"):
         assert wait_for_health(url, serving, service) == serving
-    loop.loop.call_soon_threadsafe(server.set_serving, False)  # draining: whatever the core says
+    server.set_serving(False)  # draining: whatever the core says (from another thread, too)
     assert wait_for_health(url, not_serving) == not_serving
-    loop.loop.call_soon_threadsafe(server.set_serving, True)
+    server.set_serving(True)
     assert wait_for_health(url, serving) == serving
 
 
