@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel
 
 from pdserve.router.frontend import GenerateDelta, GenerateInput, RouterCore
 from pdserve.router.openai_schema import (
@@ -89,10 +92,15 @@ class _Choice:
 
 
 class ResponseFormat:
-    """Accumulates a request's choices and writes its bodies; subclasses give the endpoint's shapes."""
+    """Accumulates a request's choices and writes its bodies; subclasses give the endpoint's shapes:
+    its body types, `_chunk` (one delta as a stream chunk), `_choice` (a whole choice), `_logprobs`."""
+
+    response_type: type[BaseModel]
+    chunk_type: type[BaseModel]
 
     def __init__(self, core: RouterCore, request_id: str, model: str, n: int, logprobs: bool):
         self.core, self.request_id, self.model, self.want_logprobs = core, request_id, model, logprobs
+        self.created = int(time.time())  # one for every chunk of the request, as OpenAI's
         self.choices = [_Choice() for _ in range(n)]
         self._token_texts: dict[int, str] = {}
 
@@ -122,11 +130,14 @@ class ResponseFormat:
             self._choice(i, c, self._logprobs(c, c.logprobs) if self.want_logprobs else None)
             for i, c in enumerate(self.choices)
         ]
-        return self._response(choices).model_dump()
+        return self.response_type(**self._head(), choices=choices, usage=self.usage()).model_dump()
 
     def usage_chunk(self) -> dict:
         """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
-        return self._usage_chunk().model_dump()
+        return self.chunk_type(**self._head(), choices=[], usage=self.usage()).model_dump()
+
+    def _head(self) -> dict:
+        return {"id": self.request_id, "created": self.created, "model": self.model}
 
     def token_text(self, token_id: int) -> str:
         if token_id not in self._token_texts:
@@ -135,22 +146,18 @@ class ResponseFormat:
 
 
 class ChatFormat(ResponseFormat):
+    response_type, chunk_type = ChatCompletionResponse, ChatCompletionChunk
+
     def _chunk(self, index, choice, delta, logprobs):
         role = None if choice.started else "assistant"
         choice.started = True
         message = ChatMessageOut(role=role, content=delta.text)
-        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[ChatChunkChoice(
+        return ChatCompletionChunk(**self._head(), choices=[ChatChunkChoice(
             index=index, delta=message, logprobs=logprobs, finish_reason=delta.finish_reason)])
 
     def _choice(self, index, choice, logprobs):
         message = ChatMessageOut(role="assistant", content="".join(choice.text))
         return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=choice.finish_reason)
-
-    def _response(self, choices):
-        return ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=self.usage())
-
-    def _usage_chunk(self):
-        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[], usage=self.usage())
 
     def _logprobs(self, choice, entries) -> ChatLogprobs:
         content = []
@@ -165,19 +172,15 @@ class ChatFormat(ResponseFormat):
 
 
 class CompletionFormat(ResponseFormat):
+    response_type = chunk_type = CompletionResponse
+
     def _chunk(self, index, choice, delta, logprobs):
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[CompletionChoice(
+        return CompletionResponse(**self._head(), choices=[CompletionChoice(
             index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason)])
 
     def _choice(self, index, choice, logprobs):
         return CompletionChoice(index=index, text="".join(choice.text), logprobs=logprobs,
                                 finish_reason=choice.finish_reason)
-
-    def _response(self, choices):
-        return CompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=self.usage())
-
-    def _usage_chunk(self):
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[], usage=self.usage())
 
     def _logprobs(self, choice, entries) -> CompletionLogprobs:
         out = CompletionLogprobs()
