@@ -10,12 +10,17 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_tools import protoc
 
+import pdserve.api
 from pdserve.api import pdserve_pb2 as pb
 from pdserve.api import pdserve_pb2_grpc as pb_grpc
 from pdserve.engine.sampling_params import SamplingParams
@@ -340,8 +345,6 @@ def test_reflection_describes_the_services(url):
     assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= set(reflected_services(url))
     with grpc.insecure_channel(url) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
-        from google.protobuf.descriptor_pool import DescriptorPool
-
         service = DescriptorPool(db).FindServiceByName("pdserve.v1.Generation")
         generate = service.methods_by_name["Generate"]
         assert generate.output_type.full_name == "pdserve.v1.GenerateResponse"
@@ -368,3 +371,17 @@ def test_client_side_checks_name_the_argument():
         build_request(text="a", sampling={"max_tokens": -1})
     with pytest.raises(InvalidRequestError, match=r"sampling\.stop"):
         build_request(text="a", sampling={"stop": "END"})
+
+
+def test_stubs_are_generated_from_the_proto(tmp_path):
+    """pdserve_pb2.py describes pdserve.proto as it is (regenerate after an edit: the proto's header)."""
+    out = tmp_path / "pdserve.pb"
+    api = Path(pdserve.api.__file__).parent
+    assert protoc.main(["protoc", f"-I{api}", f"--descriptor_set_out={out}", "pdserve.proto"]) == 0
+    [compiled] = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    stubs = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
+    for fd in (compiled, stubs):  # newer protoc versions record json_name; the stubs' older one did not
+        for message in fd.message_type:
+            for field in message.field:
+                field.ClearField("json_name")
+    assert compiled == stubs
