@@ -63,9 +63,10 @@ class Metrics:
         self._ttft.observe(ttft_s)
 
     def tokens(self, n: int, itl_s: float):
-        """`n` more tokens of one request arrived `itl_s` after its previous ones: each is counted at itl_s / n."""
+        """`n` more tokens of one request, each `itl_s` after the one before it (tokens that arrive together
+        share the gap since the previous ones: the caller passes gap / n)."""
         for _ in range(n):
-            self._itl.observe(itl_s / n)
+            self._itl.observe(itl_s)
 
     def request_finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, e2e_s: float):
         """A request ended with a finish reason (not an error): its tokens and end-to-end latency."""

@@ -16,7 +16,7 @@ def samples(metrics: Metrics) -> dict[tuple, float]:
 def test_every_call_moves_its_series():
     m = Metrics()
     m.first_token(0.03)
-    m.tokens(4, 0.08)  # four tokens in one delta, 80 ms after the previous one: 20 ms each
+    m.tokens(4, 0.02)  # four tokens in one delta, 80 ms after the previous one: 20 ms each
     m.request_finished("stop", prompt_tokens=12, completion_tokens=5, e2e_s=0.4)
     m.request_finished("length", prompt_tokens=3, completion_tokens=16, e2e_s=1.5)
     m.error("resource_exhausted")
