@@ -80,6 +80,13 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         _served_model(core, model)
         return _model_card(core).model_dump()
 
+    _add_service_routes(app, core, metrics)
+    return app
+
+
+def _add_service_routes(app: FastAPI, core: RouterCore, metrics: Metrics):
+    """What operators and their tools read: pools and workers, health, Prometheus metrics."""
+
     @app.get("/v1/status")
     async def status():
         return core.status()
@@ -92,8 +99,6 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.expose(), media_type=CONTENT_TYPE)
-
-    return app
 
 
 async def _parse(request: Request, schema: type[BaseModel]):
