@@ -134,8 +134,22 @@ async def _respond(request: Request, core: RouterCore, inputs: list[GenerateInpu
     except BaseException:
         fan.close()
         raise
-    return StreamingResponse(_events(fan, fmt, first, include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return _EventStream(fan, _events(fan, fmt, first, include_usage))
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its choices however it ends: done, failed, or cancelled when the
+    client went away (then possibly before its body generator ever ran, so the generator cannot)."""
+
+    def __init__(self, fan: FanOut, events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.fan = fan
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.fan.close()  # synchronous: it runs even inside the cancelled scope
 
 
 async def _collect(fan: FanOut, fmt: ResponseFormat) -> dict:
@@ -148,24 +162,20 @@ async def _collect(fan: FanOut, fmt: ResponseFormat) -> dict:
 
 
 async def _events(fan: FanOut, fmt: ResponseFormat, first, include_usage: bool):
-    """The SSE body. Starlette cancels this generator when the client goes away: `fan.close()` then
-    aborts every choice in the core."""
+    """The SSE body: the chunks, the usage when asked, then `[DONE]` (after an error event, if one came)."""
     try:
-        try:
-            index, delta = first
-            while True:
-                chunk = fmt.add(index, delta, stream=True)
-                if chunk is not None:
-                    yield _event(chunk)
-                index, delta = await anext(fan)
-        except StopAsyncIteration:
-            if include_usage:
-                yield _event(fmt.usage_chunk())
-        except Exception as e:  # noqa: BLE001 -- the status line is gone: the error becomes an event
-            yield _event(_api_error(e).body())
-        yield "data: [DONE]\n\n"
-    finally:
-        fan.close()
+        index, delta = first
+        while True:
+            chunk = fmt.add(index, delta, stream=True)
+            if chunk is not None:
+                yield _event(chunk)
+            index, delta = await anext(fan)
+    except StopAsyncIteration:
+        if include_usage:
+            yield _event(fmt.usage_chunk())
+    except Exception as e:  # noqa: BLE001 -- the status line is gone: the error becomes an event
+        yield _event(_api_error(e).body())
+    yield "data: [DONE]\n\n"
 
 
 def _event(payload: dict) -> str:
