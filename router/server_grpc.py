@@ -141,10 +141,17 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 
+    def _core_serving(self) -> bool:
+        try:
+            return self._core.is_serving()
+        except Exception:  # a failing probe must not end the health service: it reports NOT_SERVING
+            log.exception("core.is_serving() failed")
+            return False
+
     async def _follow_core_health(self) -> None:
         status = None
         while True:
-            serving = self._enabled and self._core.is_serving()
+            serving = self._enabled and self._core_serving()
             new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             if new != status:
                 status = new

@@ -34,7 +34,7 @@ class FakeCore:
     "late-error:<CODE>" after one delta, "crash" raises a plain exception, "logprobs" streams logprobs;
     anything else streams as "hello" does."""
 
-    def __init__(self, serving: bool = True):
+    def __init__(self, serving: bool | None = True):  # None: is_serving() raises
         self.serving = serving
         self.requests: list[GenerateInput] = []
         self.closed: defaultdict[str, threading.Event] = defaultdict(threading.Event)
@@ -44,6 +44,8 @@ class FakeCore:
         return MODEL_INFO
 
     def is_serving(self) -> bool:
+        if self.serving is None:
+            raise RuntimeError("the probe itself failed")
         return self.serving
 
     async def abort(self, request_id: str) -> bool:

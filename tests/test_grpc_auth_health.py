@@ -87,6 +87,10 @@ def test_health_follows_the_core_and_set_serving(servers):
     assert wait_for_health(url, not_serving) == not_serving
     server.set_serving(True)
     assert wait_for_health(url, serving) == serving
+    core.serving = None  # the core's probe raises: NOT_SERVING, and health goes on following it
+    assert wait_for_health(url, not_serving) == not_serving
+    core.serving = True
+    assert wait_for_health(url, serving) == serving
 
 
 def test_reflection_describes_the_services(url):
