@@ -105,7 +105,8 @@ def test_api_key(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    assert httpx.get(server.url + "/health").status_code == 200  # open without a key
+    for path in ("/health", "/metrics"):  # open without a key: probes and scrapers
+        assert httpx.get(server.url + path).status_code == 200
 
 
 def test_oversized_body(server, core):
