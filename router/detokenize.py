@@ -43,7 +43,7 @@ class Detokenizer:
         self.stop = check_stop_strings(stop)
         self.stopped = False
         self.num_tokens = 0  # output ids consumed; once stopped, up to the one that completed the stop string
-        context = [int(t) for t in prompt_ids[-PROMPT_CONTEXT_IDS:]]
+        context = _clean_context(tokenizer, [int(t) for t in prompt_ids[-PROMPT_CONTEXT_IDS:]])
         self._stream = DecodeStream(ids=context, skip_special_tokens=True)
         self._ids = context  # context + output ids, to decode what the stream still holds at the end
         self._num_decoded = len(context)  # ids whose text the stream has already returned
@@ -104,6 +104,20 @@ class Detokenizer:
         if after.startswith(before):
             return after[len(before):]
         return self.tokenizer.decode(self._ids[self._num_decoded:], skip_special_tokens=True)
+
+
+def _clean_context(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """The longest tail of `ids` whose text does not end in an incomplete character.
+
+    NOTE: the streaming decoder takes its context's text as the prefix of everything after it; a
+    context that ends in U+FFFD (a window starting inside a byte-fallback character, which such a
+    decoder renders as a whole run of U+FFFD, or a prompt cut inside a character) is no such prefix,
+    and the decoder would stream the context's text again as output.
+    """
+    for start in range(len(ids)):
+        if not tokenizer.decode(ids[start:], skip_special_tokens=True).endswith("\ufffd"):
+            return ids[start:]
+    return []
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

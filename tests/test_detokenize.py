@@ -110,6 +110,20 @@ def test_prompt_context_keeps_the_leading_space(case):
     assert text == case.decode(ids)[len(case.decode(prompt)):] == " the capital is Paris 世界"
 
 
+def test_prompt_context_at_every_cut(case):
+    """Prompt and output split at every token: on a character boundary the output's text is that of the
+    whole minus the prompt's (a context window that starts inside a character included); a prompt cut
+    inside a character has no context, so its text is not streamed again."""
+    ids = case.encode("hi 世界 👋🏽 ok 日本語")
+    for cut in range(1, len(ids)):
+        prompt_text = case.decode(ids[:cut])
+        text = "".join(stream(Detokenizer(case.backend, prompt_ids=ids[:cut]), ids[cut:]))
+        if prompt_text.endswith("\ufffd"):
+            assert text == case.decode(ids[cut:]), cut
+        else:
+            assert text == case.decode(ids)[len(prompt_text):], cut
+
+
 def test_stop_string_is_never_streamed(case):
     ids = case.encode("The capital of France is Paris. It is")
     det = Detokenizer(case.backend, stop=["Paris", "It"])
