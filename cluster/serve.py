@@ -38,9 +38,10 @@ class Server:
         self.router: Router | None = None
         self.grpc = self.http = None
         self.started_ray = False
+        self._stopping = False
 
     async def start(self) -> None:
-        self.started_ray = connect_ray(self.config, self.verbose)
+        self.started_ray = connect_ray(self.config, self.verbose) or self.started_ray
         self.deployment = Deployment(self.config)
         try:
             workers = await asyncio.to_thread(self.deployment.start)
@@ -68,6 +69,9 @@ class Server:
         return f"http://{self.config.router.host}:{self.http.port}"
 
     async def stop(self, drain_s: float = DRAIN_S) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
         if self.grpc is not None:
             self.grpc.set_serving(False)
         if self.router is not None:
@@ -90,11 +94,13 @@ def serve(config: DeploymentConfig, verbose: bool = False) -> int:
 
 
 async def _serve(config: DeploymentConfig, verbose: bool) -> int:
+    server = Server(config, verbose)
+    # NOTE: Ray's start-up installs its own SIGTERM handler (which aborts the process), so ours go in after it.
+    server.started_ray = connect_ray(config, verbose)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = Server(config, verbose)
     starting = asyncio.ensure_future(server.start())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)

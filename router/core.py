@@ -77,6 +77,9 @@ class Router:
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.model_name, self.max_model_len, self.spec.vocab_size, tuple(self.spec.eos_token_ids))
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.hf.decode([token_id])
+
     def is_serving(self) -> bool:
         roles = {w.role for w in self.workers}
         return not self.draining and all(any(w.healthy for w in self.workers if w.role == r) for r in roles)
