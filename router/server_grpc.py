@@ -194,7 +194,7 @@ async def start_grpc_server(
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as e:
-        raise ConfigError(f"router: cannot listen for gRPC on {address}: {e}") from None
+        raise ConfigError(f"router.grpc_port: cannot listen on {address}: {e}") from None
     await server.start()
     log.info("gRPC listening on %s", address.rsplit(":", 1)[0] + f":{bound}")
     return GrpcServer(server, bound, core, health_servicer)

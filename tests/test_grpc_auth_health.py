@@ -23,7 +23,7 @@ from grpc_tools import protoc
 
 import pdserve.api
 from pdserve.api import pdserve_pb2 as pb
-from pdserve.errors import InvalidRequestError
+from pdserve.errors import ConfigError, InvalidRequestError
 from pdserve.router.client import (
     RemoteError,
     abort_request,
@@ -112,6 +112,12 @@ def test_stop_closes_running_requests(servers):
     assert core.closed["at-stop"].wait(CLOSE_BOUND_S)
     with pytest.raises(RemoteError):
         list(stream)
+
+
+def test_a_taken_port_is_a_config_error_naming_it(servers, url):
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"router.grpc_port: cannot listen on 127.0.0.1:{port}"):
+        servers.serve(FakeCore(), port=port)
 
 
 def test_client_side_checks_name_the_argument():
