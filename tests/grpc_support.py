@@ -30,15 +30,16 @@ def scripted_error(name: str) -> PdserveError:
 
 class FakeCore:
     """A RouterCore whose requests follow the prompt: "hello" streams two deltas, "hang" one and then
-    waits forever, "refuse-at-once" raises from `generate` itself, "error:<CODE>" raises at once,
-    "late-error:<CODE>" after one delta, "crash" raises a plain exception, "logprobs" streams logprobs;
-    anything else streams as "hello" does."""
+    waits forever, "flood" streams deltas without end, "refuse-at-once" raises from `generate` itself,
+    "error:<CODE>" raises at once, "late-error:<CODE>" after one delta, "crash" raises a plain exception,
+    "logprobs" streams logprobs; anything else streams as "hello" does."""
 
     def __init__(self, serving: bool | None = True):  # None: is_serving() raises
         self.serving = serving
         self.requests: list[GenerateInput] = []
         self.closed: defaultdict[str, threading.Event] = defaultdict(threading.Event)
         self.aborted: list[str] = []
+        self.iterators: list = []
 
     def model_info(self) -> ModelInfo:
         return MODEL_INFO
@@ -56,7 +57,9 @@ class FakeCore:
         self.requests.append(request)
         if request.text == "refuse-at-once":  # a core may refuse before it hands out an iterator
             raise scripted_error("RESOURCE_EXHAUSTED")
-        return self._run(request)
+        iterator = self._run(request)
+        self.iterators.append(iterator)  # held, as a core may: only an explicit close reaches its `finally`
+        return iterator
 
     async def _run(self, request: GenerateInput):
         prompt = request.text or ""
@@ -64,6 +67,8 @@ class FakeCore:
             if prompt.startswith("error:"):
                 raise scripted_error(prompt.removeprefix("error:"))
             yield GenerateDelta(text="Hel", token_ids=[10, 11])
+            while prompt == "flood":  # the handler is mostly writing, not waiting on the core
+                yield GenerateDelta(text="x", token_ids=[1])
             if prompt == "hang":
                 await asyncio.sleep(3600)
             if prompt.startswith("late-error:"):

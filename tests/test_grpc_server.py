@@ -154,6 +154,14 @@ def test_client_cancel_closes_the_core_iterator(url, core):
     assert core.closed["cancel-me"].wait(CLOSE_BOUND_S)
 
 
+def test_client_cancel_mid_flood_closes_the_core_iterator(url, core):
+    stream = stream_generate(url, text="flood", request_id="flood")
+    for _ in range(100):
+        next(stream)
+    stream.close()
+    assert core.closed["flood"].wait(CLOSE_BOUND_S)
+
+
 def test_client_deadline_is_deadline_exceeded_and_closes_the_core_iterator(url, core):
     start = time.monotonic()
     expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, stream_generate, url, text="hang", request_id="late",
