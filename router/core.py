@@ -129,6 +129,10 @@ class Router:
                 self.metrics.tokens(len(out.token_ids), (now - last) / max(1, len(out.token_ids)))
             last = now
             text, stopped = detok.add(out.token_ids)
+            ids, logprobs = out.token_ids, out.logprobs
+            if stopped:  # tokens after the one that completed a stop string are not the client's
+                keep = len(ids) - (num_out - detok.num_tokens)
+                ids, logprobs, num_out = ids[:keep], logprobs[:keep], detok.num_tokens
             finish = "stop" if stopped else out.finish_reason
             if finish is not None:
                 text += "" if stopped else detok.flush()
@@ -136,9 +140,9 @@ class Router:
                 if stopped:
                     self._spawn(self._abort_everywhere(stream))
                 self._finished(stream, finish, num_out)
-                yield GenerateDelta(text, out.token_ids, finish, Usage(len(prompt), num_out), out.logprobs)
+                yield GenerateDelta(text, ids, finish, Usage(len(prompt), num_out), logprobs)
                 return
-            yield GenerateDelta(text, out.token_ids, None, None, out.logprobs)
+            yield GenerateDelta(text, ids, None, None, logprobs)
 
     async def _tokens(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
         """The request's token outputs in order; raises PdserveError when it fails."""
@@ -156,6 +160,8 @@ class Router:
                 await self._colocated(stream, prompt, request)
             while True:
                 out = await stream.next_event(timeout, "tokens from the decode worker")
+                if stream.state is RequestState.TRANSFERRING:  # its KV is in: the decode worker runs it
+                    stream.move(RequestState.DECODING)
                 if stream.first_token_at is None:
                     self._first_token(stream)
                 yield out
@@ -177,11 +183,18 @@ class Router:
         target = KVTarget(lease.transfer_id, lease.destination, lease.block_ids)
         prefill.sent_tokens += len(prompt)
         stream.move(RequestState.PREFILLING)
-        await self._call(prefill, prefill.actor.submit.remote(
-            PrefillTask(stream.request_id, prompt, request.params, target)))
+        # NOTE: not awaited here: the first token, or whatever ends the request first (the submit failing, the
+        # decode lease expiring because the KV never came), arrives as an event on the stream.
+        self._spawn(self._submit(stream, prefill, PrefillTask(stream.request_id, prompt, request.params, target)))
         first = await stream.next_event(self.config.rank_timeout_s, "first token from the prefill worker")
         stream.move(RequestState.TRANSFERRING)
         return first
+
+    async def _submit(self, stream: RequestStream, prefill: WorkerHandle, task: PrefillTask) -> None:
+        try:
+            await self._call(prefill, prefill.actor.submit.remote(task))
+        except PdserveError as e:
+            stream.push(e if isinstance(e, StreamError) else StreamError(e.code, e.message))
 
     async def _lease(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
         """A decode worker's lease on blocks for the prompt; waits (bounded) while none has room."""
