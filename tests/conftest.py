@@ -133,3 +133,31 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@pytest.fixture(scope="session")
+def serving_model(tmp_path_factory):
+    """The serving tests' tiny model (with a byte tokenizer): (path, prompt ids of TEXTS, greedy reference)."""
+    from serving_support import MAX_TOKENS, TEXTS, greedy_reference, tiny_model
+
+    from pdserve.engine.tokenizer import load_tokenizer
+
+    path = tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
+    tok = load_tokenizer(path)
+    prompts = [tok.encode_prompt(t) for t in TEXTS]
+    return path, prompts, greedy_reference(path, prompts, MAX_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def path(serving_model):
+    return serving_model[0]
+
+
+@pytest.fixture(scope="session")
+def prompts(serving_model):
+    return serving_model[1]
+
+
+@pytest.fixture(scope="session")
+def expected(serving_model):
+    return serving_model[2]

@@ -12,6 +12,9 @@ from pdserve.config import load_config
 from pdserve.router.client import RemoteError, build_request, stream_generate
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
+TEXTS = ["Hello there, how", "The quick brown fox jumps over the lazy dog and keeps on running far",
+         "a", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31"]
+MAX_TOKENS = 12
 
 
 def tiny_model(folder) -> str:
@@ -20,6 +23,22 @@ def tiny_model(folder) -> str:
     path = make_tiny_checkpoint(folder, "llama-gqa-untied")
     add_byte_tokenizer(path)
     return path
+
+
+def greedy_reference(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens, EOS ignored (its `generate` would stop at the tiny model's EOS id)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+        outs.append(out[0, len(p):].tolist())
+    return outs
 
 
 def tiny_config(model: str, **overrides):
