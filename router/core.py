@@ -266,8 +266,11 @@ class Router:
             if stream is not None:
                 stream.push(failure)
         if self.metrics is not None:
+            # NOTE: both ends report each transfer; it ends when the decode side has received it (or failed),
+            # so only that side's outcome is counted: once per transfer.
             for t in report.transfers:
-                self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
+                if worker.role == "decode":
+                    self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
             load = report.load
             self.metrics.set_worker(worker.role, worker.name, load.running, load.waiting,
                                     load.total_blocks - load.free_blocks, load.total_blocks)
