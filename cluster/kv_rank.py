@@ -89,6 +89,8 @@ class ServingRank(TPRank):
         """(transfer id, done, error) of this rank's parts that ended since the last call. A failed receive
         is reported once its blocks can no longer be written."""
         out = []
+        if self.kv is None:  # still loading
+            return out
         for result in self.kv.get_finished():
             if result.state is TransferState.DONE:
                 if self.role == "decode":
