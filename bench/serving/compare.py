@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ RATIO_FIELDS = ("output_throughput", "request_throughput", "mean_ttft_ms", "p99_
 def bench_targets(specs: list[str | None], args: argparse.Namespace, name: str, allow_default: bool = False) -> int:
     """Run the arguments' workload and sweep against each target in turn; write `{name}.json` and PNGs
     under `args.out`, print the tables (and the ratios, for two)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     rates, spec, slo = parse_rates(args.request_rate, args.max_concurrency), load_spec(args), slo_of(args)
     sweeps: dict[str, list[Point]] = {}
     requests = None

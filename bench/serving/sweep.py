@@ -44,9 +44,9 @@ async def run_sweep(backend: Backend, requests: list[BenchRequest], base: LoadSp
 
 
 def sweep_goodput(points: list[Point]) -> float | None:
-    """Goodput over the open-loop points that carry SLO attainment."""
+    """Goodput over the finite-rate points that carry SLO attainment (all at once is no rate)."""
     return goodput([(p.spec.rate, p.summary["slo_attainment"]) for p in points
-                    if p.spec.rate is not None and "slo_attainment" in p.summary])
+                    if p.spec.rate is not None and math.isfinite(p.spec.rate) and "slo_attainment" in p.summary])
 
 
 def sweep_json(label: str, points: list[Point], detailed: bool = True) -> dict:
