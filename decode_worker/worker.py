@@ -116,8 +116,8 @@ class DecodeWorker(EngineWorker):
 
     def before_step(self) -> None:
         for r in self.receiver.get_finished():
+            lease = self.by_transfer.get(r.transfer_id)  # NOTE: before _part_ended, which may admit and forget it
             self._part_ended(r.transfer_id, r.state is TransferState.DONE, r.error, rank0=True)
-            lease = self.by_transfer.get(r.transfer_id)
             if lease is not None:
                 self.transferred(lease.request_id, r.state is TransferState.DONE, r.num_bytes, r.duration_s)
         while not self._released.empty():
@@ -146,7 +146,8 @@ class DecodeWorker(EngineWorker):
         if lease.failed is not None:
             if not lease.reported and not lease.aborted:
                 lease.reported = True
-                self.fail(lease.request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {lease.failed}")
+                self.fail(lease.request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {lease.failed}",
+                          retry=True)
             if lease.ended_ranks == self.tp_size:
                 self._drop(lease)
         elif lease.done_ranks == self.tp_size:
