@@ -69,6 +69,8 @@ class _Gang:
     peers: list
     load: object  # rank 0's load call
     peer_loads: list
+    pool: PoolConfig
+    group: object  # its placement group
 
 
 class Deployment:
@@ -80,6 +82,8 @@ class Deployment:
         self.workers: list = []  # rank 0 of each
         self.groups: list = []
         self.step_loops: list = []  # ranks > 0: their step loops (they end when rank 0 stops the gang)
+        self.gangs: dict[str, _Gang] = {}
+        self._next_index: dict[str, int] = {}
 
     def start(self) -> list[WorkerHandle]:
         """Create every worker and wait (bounded) until each has loaded; a failure names the worker and
@@ -88,7 +92,7 @@ class Deployment:
             handles: list[WorkerHandle] = []
             destinations: list = []
             for role, pool in pools_of(self.config):
-                gangs = [self._create(role, pool, i, destinations) for i in range(pool.count)]
+                gangs = [self._create(role, pool, self._index(role), destinations) for _ in range(pool.count)]
                 handles += [self._await_load(gang) for gang in gangs]
                 if role == "decode":
                     destinations = ray.get([h.actor.destination.remote() for h in handles], timeout=60)
@@ -124,7 +128,27 @@ class Deployment:
         if peers:
             host, port = self._get(rank0.host_store.remote(), name, "rendezvous")
             self._get_all([a.join.remote(host, port) for a in (rank0, *peers)], name, "process group")
-        return _Gang(role, name, rank0, peers, rank0.load.remote(peers), [p.load.remote() for p in peers])
+        gang = _Gang(role, name, rank0, peers, rank0.load.remote(peers), [p.load.remote() for p in peers], pool, pg)
+        self.gangs[name] = gang
+        return gang
+
+    def _index(self, role: str) -> int:
+        """Workers are named `<role>-<n>`, n never reused (a replacement gets the next one)."""
+        n = self._next_index.get(role, 0)
+        self._next_index[role] = n + 1
+        return n
+
+    def replace(self, dead: WorkerHandle, destinations: list) -> WorkerHandle:
+        """Remove a dead worker's gang (its other ranks, its placement) and start a new worker in its pool;
+        bounded like start-up. `destinations`: the decode gangs a new prefill worker may ship to."""
+        old = self.gangs.pop(dead.name)
+        for actor in (old.rank0, *old.peers):
+            ray.kill(actor)
+        remove_placement_group(old.group)
+        self.groups.remove(old.group)
+        self.workers.remove(old.rank0)
+        gang = self._create(old.role, old.pool, self._index(old.role), destinations)
+        return self._await_load(gang)
 
     def _await_load(self, gang: _Gang) -> WorkerHandle:
         info: WorkerInfo = self._get_all([gang.load, *gang.peer_loads], gang.name, "model load", LOAD_TIMEOUT_S)[0]

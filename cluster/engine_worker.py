@@ -194,9 +194,9 @@ class EngineWorker:
             out.logprobs += logprobs
             out.finish_reason = finish_reason
 
-    def fail(self, request_id: str, code: str, message: str) -> None:
+    def fail(self, request_id: str, code: str, message: str, retry: bool = False) -> None:
         with self._report:
-            self._failures.append(RequestFailure(request_id, code, message))
+            self._failures.append(RequestFailure(request_id, code, message, retry))
             self._report.notify_all()
 
     def transferred(self, request_id: str, ok: bool, num_bytes: int, seconds: float) -> None:

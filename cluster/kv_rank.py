@@ -41,6 +41,9 @@ class ServingRank(TPRank):
         self._ended: queue.SimpleQueue[tuple[int, bool, str | None]] = queue.SimpleQueue()
         self._by_blocks: dict[tuple[int, ...], int] = {}
 
+    def add_destination(self, destination: Destination) -> None:
+        self.destinations.append(destination)
+
     def load(self) -> dict:
         info = super().load()
         spec, runner = self.runner.spec, self.runner

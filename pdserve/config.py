@@ -86,6 +86,9 @@ class DeploymentConfig(_Strict):
     transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
     transfer_timeout_s: float = Field(30.0, gt=0.0)
     rank_timeout_s: float = Field(60.0, gt=0.0)
+    # A request whose decode worker dies is re-prefilled from its prompt and the tokens already streamed
+    # and continued on another decode worker, at most this many times (0: it fails with UNAVAILABLE).
+    migration_limit: int = Field(3, ge=0)
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import ray
+
 from pdserve.cluster.engine_worker import EngineWorker
 from pdserve.cluster.kv_rank import KV_SEND, layer_saver, send_message
 from pdserve.cluster.transfer import make_sender
@@ -36,6 +38,13 @@ class PrefillWorker(EngineWorker):
     def __init__(self, config: dict, name: str, tp_size: int = 1, destinations: list[Destination] = ()):
         super().__init__(config, name, tp_size)
         self.destinations = list(destinations)  # every decode gang this worker may ship to (index: KV_SEND)
+
+    def add_destination(self, destination: Destination) -> None:
+        """A new decode gang (a replacement) this worker may ship to; every rank learns it."""
+        self.call(lambda: self.destinations.append(destination))
+        if self.peers is not None:
+            ray.get([p.add_destination.remote(destination) for p in self.peers.peers],
+                    timeout=self.config.rank_timeout_s)
 
     def setup(self) -> None:
         runner = self.engine.runner
@@ -102,7 +111,8 @@ class PrefillWorker(EngineWorker):
         self.engine.release(send.request_id)
         self.transferred(send.request_id, send.ok, send.num_bytes, send.seconds)
         if not send.ok:
-            self.fail(send.request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {send.error}")
+            self.fail(send.request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {send.error}",
+                      retry=True)
 
     def emit(self, outputs) -> None:
         """The first token, finished only if the request itself ends with it (not by the one-token limit
