@@ -44,6 +44,7 @@ def test_send_times_start_at_zero_and_follow_a_trace():
     assert times[0] == 0.0 and times[1:] == pytest.approx(np.cumsum(gaps[1:]).tolist())
     traced = [w.BenchRequest([5], 1, t) for t in (0.0, 0.5, 2.0)]
     assert send_times(traced, LoadSpec(rate=100.0)) == [0.0, 0.5, 2.0]
+    assert send_times(traced[1:], LoadSpec(rate=100.0)) == [0.0, 1.5]  # after a warm-up: from the first sent
 
 
 def test_distribution_percentiles_by_hand():
@@ -160,6 +161,9 @@ def test_closed_loop_holds_its_concurrency_and_leaves_out_the_warmup():
     run = asyncio.run(run_load(backend, reqs, LoadSpec(max_concurrency=4, warmup=3, progress=False)))
     assert len(run.results) == 20 and run.num_unfinished == 0 and backend.peak == 4
     assert backend.sent[:3] == reqs[:3] and len(backend.sent) == 23
+    backend = FakeBackend(0.01)
+    asyncio.run(run_load(backend, reqs[:10], LoadSpec(rate=1e6, max_concurrency=2, warmup=6, progress=False)))
+    assert backend.peak == 2 and len(backend.sent) == 10  # the warm-up too keeps to max_concurrency
 
 
 def test_time_bound_cuts_the_run():

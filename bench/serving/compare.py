@@ -34,7 +34,10 @@ def bench_targets(specs: list[str | None], args: argparse.Namespace, name: str, 
             if requests is None:  # one request set for every target (the first one's vocabulary)
                 requests = build_workload(args, vocab_size(target, args.vocab_size))
             model = args.model if target_spec is not None and is_url(target_spec) else None
-            backend_url = target.url_for(args.backend)
+            try:
+                backend_url = target.url_for(args.backend)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
             sweeps[label] = asyncio.run(_sweep(args, backend_url, model, requests, spec, rates, slo))
         print(format_table(label, sweeps[label]), flush=True)
     meta = {"workload": args.workload, "num_prompts": args.num_prompts, "seed": args.seed, "backend": args.backend,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ async def run_load(backend: Backend, requests: list[BenchRequest], spec: LoadSpe
     if spec.rate is None and spec.max_concurrency is None:
         raise ValueError("give a rate, a max_concurrency, or both")
     warm, measured = requests[:spec.warmup], requests[spec.warmup:]
-    if warm:
-        await asyncio.gather(*(backend.send(r) for r in warm))
+    if warm:  # all at once, or at most max_concurrency outstanding; no time bound, no bar
+        warm_spec = dataclasses.replace(spec, rate=None, max_concurrency=spec.max_concurrency or len(warm),
+                                        duration_s=None, progress=False)
+        await _measure(backend, [dataclasses.replace(r, arrival_s=None) for r in warm], warm_spec)
     return await _measure(backend, measured, spec)
 
 
@@ -106,8 +109,8 @@ async def _send_all(requests: list[BenchRequest], spec: LoadSpec, one) -> None:
 
 def send_times(requests: list[BenchRequest], spec: LoadSpec) -> list[float]:
     """Offsets (s) from the start: the trace's where requests carry them, else cumulative gaps."""
-    if requests and requests[0].arrival_s is not None:
-        return [r.arrival_s for r in requests]
+    if requests and requests[0].arrival_s is not None:  # from the first one sent (warm-up left out)
+        return [r.arrival_s - requests[0].arrival_s for r in requests]
     if spec.rate is None:
         return [0.0] * len(requests)
     gaps = arrival_gaps(len(requests), spec.rate, spec.burstiness, spec.seed)
