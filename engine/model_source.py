@@ -6,7 +6,9 @@ the user's cache directory (config, weights, tokenizer); later runs load that fo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -68,8 +70,11 @@ def _convert_embedded(target: Path) -> None:
 
     gguf = _embedded_gguf_path()
     log.info("converting %s to a bf16 safetensors cache at %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # NOTE: the GGUF reader's and the loader's progress bars write to stderr: noise unless pdserve logs INFO
+    quiet = contextlib.nullcontext() if log.isEnabledFor(logging.INFO) else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     config.__dict__.pop("quantization_config", None)
     config.dtype = torch.bfloat16

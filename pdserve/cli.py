@@ -1,4 +1,4 @@
-"""`pdserve` command line: generate, config validate.
+"""`pdserve` command line: generate, serve, status, config validate, bench.
 
 One function per subcommand. `main` is the one place that turns what a user can get wrong into
 one line on stderr: a `PdserveError` prints `error: <message>` and exits 2, as does a usage
@@ -20,12 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve.config import load_config
-    from pdserve.engine.sampling_params import SamplingParams
-    from pdserve.engine.tokenizer import check_text, load_tokenizer
-    from pdserve.errors import InvalidRequestError
+    from pdserve.engine.tokenizer import check_text
 
     check_text(args.prompt)
+    if args.url is not None:
+        return _generate_remote(args)
+    from pdserve.config import load_config
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.errors import InvalidRequestError
+
     config = load_config(args.config, model=args.model, dtype=args.dtype, device=args.device)
     limit = config.limits.max_tokens
     if args.max_tokens > limit:
@@ -69,6 +73,39 @@ def _engine(config, tp: int):
     from pdserve.cluster.tp_gang import TPGang
 
     return TPGang.local(config, tp)
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """Through a running server's gRPC API; same output as in-process."""
+    from pdserve.router.client import generate_text
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if args.chat:
+        out = generate_text(args.url, messages=[{"role": "user", "content": args.prompt}], sampling=sampling,
+                            api_key=args.api_key, timeout_s=args.timeout)
+    else:
+        out = generate_text(args.url, text=args.prompt, sampling=sampling, api_key=args.api_key,
+                            timeout_s=args.timeout)
+    print(out.text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.cluster.serve import serve
+    from pdserve.config import load_config
+    from pdserve.validate import validate_deployment
+
+    config = validate_deployment(load_config(args.config), args.config)  # before any worker starts
+    return serve(config, verbose=args.verbose > 0)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pdserve.router.status import fetch_status, format_status
+
+    print(format_status(fetch_status(args.url, api_key=args.api_key, timeout_s=args.timeout)))
+    return 0
 
 
 def _complete(engine, ids: list[int], params) -> tuple[list[int], str | None]:
@@ -152,8 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel ranks: a gang of Ray actors when > 1, on the deployment's Ray cluster "
                         "or a local one (default: 1)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (default: off)")
+    g.add_argument("--url", default=None,
+                   help="HOST:PORT of a running server's gRPC API to ask instead (default: none, in-process)")
+    g.add_argument("--api-key", default=None, help="with --url: the server's API key (default: none)")
+    g.add_argument("--timeout", type=float, default=300.0, help="with --url: the call's deadline in seconds "
+                                                                  "(default: 300)")
     _verbosity(g, argparse.SUPPRESS)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="bring up the deployment's workers and serve gRPC and HTTP until stopped",
+                       description="Bring up the deployment's workers and serve gRPC and HTTP until stopped.")
+    s.add_argument("-c", "--config", default=None,
+                   help="deployment YAML (default: the built-in default, configs/default.yaml)")
+    _verbosity(s, argparse.SUPPRESS)
+    s.set_defaults(func=_serve)
+
+    st = sub.add_parser("status", help="pools and workers of a running server",
+                        description="Pools and workers of a running server.")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address "
+                                                                  "(default: http://127.0.0.1:8000)")
+    st.add_argument("--api-key", default=None, help="the server's API key (default: none)")
+    st.add_argument("--timeout", type=float, default=10.0, help="the call's deadline in seconds (default: 10)")
+    _verbosity(st, argparse.SUPPRESS)
+    st.set_defaults(func=_status)
 
     c = sub.add_parser("config", help="deployment files", description="Deployment files.")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="COMMAND", help="what to do")
@@ -164,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", help="the deployment YAML")
     _verbosity(v, argparse.SUPPRESS)
     v.set_defaults(func=_validate)
+
+    from pdserve.bench.serving.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
@@ -177,7 +239,6 @@ def _setup_logging(verbosity: int) -> None:
         warnings.simplefilter("ignore")  # torch's and transformers' Python warnings
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the progress bars of loading and converting weights
     else:
         logging.captureWarnings(True)
 

@@ -37,6 +37,8 @@ class PoolConfig(_Strict):
 
     count: int = Field(1, ge=1)
     tp_size: int = Field(1, ge=1)  # which sizes a model can run is checked against its heads (pdserve.validate)
+    # Ray custom resources each worker's placement asks for: pins the pool to nodes started with them.
+    resources: dict[str, float] = {}
 
 
 class RouterConfig(_Strict):
@@ -93,6 +95,9 @@ class DeploymentConfig(_Strict):
     transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
     transfer_timeout_s: float = Field(30.0, gt=0.0)
     rank_timeout_s: float = Field(60.0, gt=0.0)
+    # A request whose decode worker dies is re-prefilled from its prompt and the tokens already streamed
+    # and continued on another decode worker, at most this many times (0: it fails with UNAVAILABLE).
+    migration_limit: int = Field(3, ge=0)
     router: RouterConfig = RouterConfig()
     limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_checkpoint, make_tiny_tokenizer
+from conftest import add_byte_tokenizer, make_tiny_checkpoint
 
 LIMIT_S = 10.0
 TP_LIMIT_S = 30.0  # starts (and stops) a local Ray cluster
@@ -69,7 +69,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-models")
     good = root / "good"
     make_tiny_checkpoint(good, "llama-gqa-untied", eos_token_id=None)  # no EOS: runs stop by length only
-    make_tiny_tokenizer(good)
+    add_byte_tokenizer(good)
 
     def copy(name: str) -> Path:
         shutil.copytree(good, root / name)
@@ -151,7 +151,7 @@ def test_tp_beyond_the_cluster_fails_in_bounded_time(models, tmp_path):
     tp = (os.cpu_count() or 1) + 1
     wide = make_tiny_checkpoint(tmp_path / "wide", "llama-gqa-untied", num_key_value_heads=tp,
                                 num_attention_heads=tp, hidden_size=16 * tp, intermediate_size=8 * tp)
-    make_tiny_tokenizer(wide)
+    add_byte_tokenizer(wide)
     proc = run_cli("generate", "--device", "cpu", "--model", wide, "--tp", str(tp), "hi", limit=TP_LIMIT_S)
     assert_error(proc, re.compile(rf"error: tp {tp} needs {tp} CPUs, the cluster has \d+\n"))
 
@@ -255,7 +255,7 @@ def interrupted(args: list[str], wait_for: str | None, delay: float = 0.0) -> tu
 def test_ctrl_c_during_generation_exits_130_quietly(models, tmp_path):
     long = make_tiny_checkpoint(tmp_path / "long", "llama-gqa-untied", eos_token_id=None,
                                 max_position_embeddings=8192)
-    make_tiny_tokenizer(long)
+    add_byte_tokenizer(long)
     path = deployment(tmp_path, f"model: {long}\ndevice: cpu\ncpu_kv_cache_gib: 0.05\n")
     status, rest, took = interrupted(["-v", "generate", "-c", str(path), "--max-tokens", "4000", "hi"],
                                      wait_for="generating up to 4000 tokens", delay=0.5)

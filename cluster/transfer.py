@@ -1,0 +1,40 @@
+"""A worker rank's KV transfer end (sender or receiver) over its slice of the cache, from the deployment."""
+from __future__ import annotations
+
+import ray
+import torch
+
+from pdserve.config import DeploymentConfig
+from pdserve.engine.model_runner import wants_cuda
+from pdserve.kv_transfer import KVLayout, KVReceiver, KVSender, TransferConfig, TransportKind
+
+CPU_STAGING_BYTES = 64 << 20  # host memory: the GPU default (512 MiB per buffer) would be wasted there
+
+
+def make_transfer_config(config: DeploymentConfig) -> TransferConfig:
+    if wants_cuda(config):
+        return TransferConfig(timeout_s=config.transfer_timeout_s)
+    return TransferConfig(timeout_s=config.transfer_timeout_s, staging_bytes=CPU_STAGING_BYTES, taper_bytes=0)
+
+
+def transport_kind(config: DeploymentConfig) -> TransportKind:
+    """`auto`: torch.distributed (NCCL between GPUs, gloo on CPU); `grpc` where asked."""
+    return TransportKind.GRPC if config.transport == "grpc" else TransportKind.TORCH
+
+
+def _layout(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int):
+    return KVLayout.of_cache(kv_cache, config.model, num_kv_heads, size, rank)
+
+
+def make_sender(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int,
+                rank: int) -> KVSender:
+    """Source blocks are freed by the worker's loop when every rank's part has ended, not by the sender."""
+    return KVSender(_layout(kv_cache, config, num_kv_heads, size, rank), kv_cache, lambda ids: None,
+                    config=make_transfer_config(config))
+
+
+def make_receiver(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int,
+                  release) -> KVReceiver:
+    return KVReceiver(_layout(kv_cache, config, num_kv_heads, size, rank), kv_cache, release,
+                      transport_kind(config), host=ray.util.get_node_ip_address(),
+                      config=make_transfer_config(config))
