@@ -209,5 +209,7 @@ def test_safetensors_header_that_is_not_json(tmp_path, three_kv):
 def test_chat_messages_that_are_not_utf8_are_named():
     from pdserve.engine.tokenizer import Tokenizer
 
-    with pytest.raises(InvalidRequestError, match=r"^messages\[1\]\.content is not valid UTF-8 \(U\+D800 at character 0\)$"):
-        Tokenizer(None).encode_chat([{"role": "user", "content": "hi"}, {"role": "user", "content": "\ud800"}])
+    message = r"^messages\[1\]\.content is not valid UTF-8 \(U\+D800 at character 0\)$"
+    with pytest.raises(InvalidRequestError, match=message):
+        Tokenizer(None).encode_chat([{"role": "user", "content": "hi"},
+                                     {"role": "user", "content": "\ud800"}])
