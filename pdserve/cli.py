@@ -44,6 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
     max_prompt = config.limits.max_prompt_tokens
     if max_prompt is not None and len(ids) > max_prompt:
         raise InvalidRequestError(f"prompt has {len(ids)} tokens; limits.max_prompt_tokens is {max_prompt}")
+    log.info("loading %s (%d rank(s))", shape.path, args.tp)
     engine = _engine(config, args.tp)
     log.info("generating up to %d tokens after a %d-token prompt", args.max_tokens, len(ids))
     tokens, reason = _complete(engine, ids, params)
