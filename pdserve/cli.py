@@ -94,11 +94,12 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdserve.cluster.serve import serve
     from pdserve.config import load_config
     from pdserve.validate import validate_deployment
 
-    config = validate_deployment(load_config(args.config), args.config)  # before any worker starts
+    config = validate_deployment(load_config(args.config), args.config)  # before anything heavy is imported
+    from pdserve.cluster.serve import serve
+
     return serve(config, verbose=args.verbose > 0)
 
 

@@ -196,10 +196,11 @@ def test_kv_cache_larger_than_memory(models, tmp_path, command):
         rf"cache; this machine has \d+\.\d GiB available\n"))
 
 
-@pytest.mark.parametrize("command", ["validate", "generate"])
+@pytest.mark.parametrize("command", ["validate", "generate", "serve"])
 def test_max_model_len_above_the_model(models, tmp_path, command):
     path = deployment(tmp_path, f"model: {models['good']}\ndevice: cpu\nmax_model_len: 100000000\n")
-    args = ["config", "validate", str(path)] if command == "validate" else ["generate", "-c", str(path), "hi"]
+    args = {"validate": ["config", "validate", str(path)], "generate": ["generate", "-c", str(path), "hi"],
+            "serve": ["serve", "-c", str(path)]}[command]  # serve validates before a worker starts
     assert_error(run_cli(*args), f"error: {path}: max_model_len: 100000000 is above this model's limit of 512 "
                                  f"tokens (max_position_embeddings in {models['good']}/config.json)")
 
