@@ -61,13 +61,22 @@ class TPGang:
         bundle = {"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}
         self._check_cluster_fits(bundle)
         self.pg = placement_group([bundle] * n, strategy="STRICT_PACK")
+        self.ranks, self.loops = [], []
+        try:
+            self._start_ranks(bundle)
+        except BaseException:
+            self._release()  # a gang that failed to start leaves no rank or placement behind
+            raise
+
+    def _start_ranks(self, bundle: dict[str, int]) -> None:
+        n, gpus = self.tp_size, bundle.get("GPU", 0)
         if not self.pg.wait(timeout_seconds=self.timeout):
-            remove_placement_group(self.pg)
             free = ray.available_resources()
             raise ResourceExhaustedError(
                 f"tp {n} needs {self._needs(bundle)} on one node; they did not come free within "
                 f"{self.timeout:.0f}s (free in the cluster now: {self._amounts(bundle, free)})"
             )
+        self._wait(self.pg.ready(), LOAD_TIMEOUT_S, "placement group")  # its readiness task, run in the group
         cfg = self.config.model_dump()
         self.ranks = [
             _RemoteRank.options(
@@ -182,11 +191,14 @@ class TPGang:
                 log.warning("tp gang: rank 0 failed to stop the gang (%s); killing the ranks", type(e).__name__)
             if not ready:
                 log.warning("tp gang: rank 0 did not stop the gang within %.0fs; killing the ranks", self.timeout)
+        self._release()
+        return clean
+
+    def _release(self) -> None:
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self.pg)
         self.loops = []
-        return clean
 
     def restart(self) -> None:
         self.shutdown()
