@@ -9,6 +9,7 @@ request, and closing the stream (client cancel, disconnect, deadline) aborts it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -107,6 +108,17 @@ class Router:
         return True
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        try:
+            async with contextlib.aclosing(self._generate(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except PdserveError as e:
+            # NOTE: counted here, once, whichever stage refused or failed it (checks, a full queue, a worker)
+            if self.metrics is not None:
+                self.metrics.error(e.code.grpc_name.lower())
+            raise
+
+    async def _generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
         prompt = prompt_ids(self.tokenizer, request)
         check_request(prompt, request, self.config.limits, self.max_model_len, self.spec.vocab_size)
         if self.draining or not self.is_serving():
@@ -179,11 +191,9 @@ class Router:
                     log.warning("%s: %s; running it again (%d tokens in)", stream.request_id, e.message,
                                 len(generated))
                     self._spawn(self._abort_attempt(stream))
-        except PdserveError as e:
+        except PdserveError:
             if not stream.state.done:
                 stream.move(RequestState.FAILED)
-                if self.metrics is not None:
-                    self.metrics.error(e.code.grpc_name.lower())
             raise
 
     def _new_attempt(self, stream: RequestStream) -> None:
