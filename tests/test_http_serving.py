@@ -4,8 +4,10 @@ beside streams in flight, metrics, health and status."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,8 +20,8 @@ from pdserve.cluster.serve import ServerThread
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.status import fetch_status, format_status
 
-LIMITS = {"max_prompt_tokens": 200, "max_request_bytes": 16384, "max_concurrent_requests": 40,
-          "max_queued_requests": 64}
+LIMITS = {"max_prompt_tokens": 200, "max_request_bytes": 16384, "max_concurrent_requests": 8,
+          "max_queued_requests": 2}
 LONG = 64  # tokens of the streams kept in flight while bad requests come in
 NUM_BLOCKS = 128
 
@@ -153,6 +155,27 @@ def _post(url: str, args: dict) -> httpx.Response:
     return httpx.post(url + args.pop("path", "/v1/completions"), **args, timeout=30)
 
 
+def test_full_queue_is_429_at_once_and_the_rest_complete(server, prompts, expected_long):
+    url = server.http_url
+    before = metric_samples(url)
+    with _workers_stopped(server):  # 8 run (waiting on the workers), 2 queue, 2 are refused without them
+        streams = [Stream(url, greedy_body(prompts[i % len(prompts)], LONG)) for i in range(12)]
+        deadline = time.monotonic() + 10
+        while sum(s.ended is not None for s in streams) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [s for s in streams if s.ended is not None]
+    assert len(refused) == 2
+    for s in refused:
+        error = json.loads(s.error["body"])["error"]
+        assert (s.error["status"], error["type"], error["code"]) == (429, "rate_limit_error", "resource_exhausted")
+        assert "max_queued_requests 2" in error["message"]
+    served = [(s.join().ids, expected_long[i % len(prompts)]) for i, s in enumerate(streams) if s not in refused]
+    assert len(served) == 10 and all(got == want for got, want in served)
+    after = metric_samples(url)
+    assert _delta(before, after, "pdserve_request_errors_total", kind="resource_exhausted") == 2
+    assert pools_full(server) == []
+
+
 def _delta(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
@@ -163,8 +186,8 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     before = metric_samples(url)
     for p in prompts:
         complete(url, greedy_body(p, MAX_TOKENS))
-    assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "temperature": -1},
-                      headers=HEADERS).status_code == 400
+    for bad in ({"prompt": "hi", "temperature": -1}, {"prompt": [65] * (LIMITS["max_prompt_tokens"] + 1)}):
+        assert httpx.post(url + "/v1/completions", json=bad, headers=HEADERS).status_code == 400
     after = metric_samples(url)
     n = len(prompts)
     assert _delta(before, after, "pdserve_requests_total", finish_reason="length") == n
@@ -172,7 +195,8 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     assert _delta(before, after, "pdserve_generation_tokens_total") == n * MAX_TOKENS
     assert _delta(before, after, "pdserve_time_to_first_token_seconds_count") == n
     assert _delta(before, after, "pdserve_e2e_request_latency_seconds_count") == n
-    assert _delta(before, after, "pdserve_request_errors_total", kind="invalid_argument") == 1
+    # one refused by the front door (its schema), one by the core (the prompt limit)
+    assert _delta(before, after, "pdserve_request_errors_total", kind="invalid_argument") == 2
     itl = _delta(before, after, "pdserve_inter_token_latency_seconds_count")
     disaggregated = server.config.disaggregated
     # disaggregated, the first delta is prefill's one token and every later token has a gap
