@@ -29,10 +29,13 @@ NUM_BLOCKS = 128
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray cluster for both deployments (starting one takes longer than serving all the tests)."""
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
