@@ -325,7 +325,7 @@ class Router:
                     self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
             load = report.load
             self.metrics.set_worker(worker.role, worker.name, load.running, load.waiting,
-                                    load.total_blocks - load.free_blocks, load.total_blocks)
+                                    load.total_blocks - load.free_blocks, load.total_blocks, load.preemptions)
             self.metrics.set_queue_depth(self.admission.queued)
 
     def _died(self, worker: WorkerHandle, reason: str) -> None:
