@@ -92,6 +92,16 @@ def test_disconnect_mid_stream_frees_blocks_and_others_go_on(server, prompts, ex
     assert server.router.streams == {}
 
 
+def test_disconnect_before_a_whole_response_aborts_it(server, prompts):
+    url = server.http_url
+    before = metric_samples(url)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long non-streamed answer
+        httpx.post(url + "/v1/completions", json=greedy_body(prompts[1], 400), headers=HEADERS, timeout=0.5)
+    assert pools_full(server) == []
+    key = ("pdserve_requests_total", (("finish_reason", "length"),))
+    assert metric_samples(url).get(key, 0) == before.get(key, 0) and server.router.streams == {}
+
+
 def _bad_requests(max_prompt: int):
     ok = {"prompt": "hi", "max_tokens": 4}
     wrong_key = {"Authorization": "Bearer wrong"}
