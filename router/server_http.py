@@ -41,17 +41,19 @@ log = logging.getLogger(__name__)
 
 
 def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes: int = 1 << 20,
-              metrics: Metrics | None = None, default_max_tokens: int | None = None) -> FastAPI:
+              body_timeout_s: float = 30.0, metrics: Metrics | None = None,
+              default_max_tokens: int | None = None) -> FastAPI:
     """The HTTP API over `core`.
 
     `api_key`: when set, every `/v1/` route wants `Authorization: Bearer <api_key>` (401 otherwise);
     `/health` and `/metrics` stay open. `max_request_bytes`: larger bodies get 413 before any parsing,
-    chunked ones included. `default_max_tokens`: a chat request's `max_tokens` when it gives none
-    (None: the model's context length).
+    chunked ones included; a body not whole within `body_timeout_s` gets 408. `default_max_tokens`: a chat
+    request's `max_tokens` when it gives none (None: the model's context length).
     """
     metrics = metrics or Metrics()
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
+    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s, metrics=metrics)
     _add_error_handlers(app, metrics)
 
     @app.post("/v1/chat/completions")
