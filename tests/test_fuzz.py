@@ -113,39 +113,52 @@ def test_malformed_requests_are_the_clients_errors_and_streams_are_undisturbed(s
     assert pools_full(server) == []
 
 
-def _slow_client(port: int, head: bytes, drip: list[bytes], every_s: float) -> socket.socket:
-    """A connection that sends its request's head, then the body's pieces one by one, slowly (or never)."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(head)
+class SlowClient:
+    """A connection that sends its request's head, then the body's pieces one by one, slowly (or never);
+    what the server answers is read as it comes (before more pieces could make the closed end reset it)."""
 
-    def send():
-        for piece in drip:
-            time.sleep(every_s)
+    def __init__(self, port: int, head: bytes, drip: list[bytes], every_s: float):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(head)
+        self.answer, self.answered_at = b"", None
+        self._answered = threading.Event()
+        self._drip, self._every_s = drip, every_s
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._send, self._read)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self):
+        for piece in self._drip:
+            if self._answered.wait(self._every_s):
+                return
             try:
-                sock.sendall(piece)
-            except OSError:  # the server answered and closed: the drip is over
+                self.sock.sendall(piece)
+            except OSError:
                 return
 
-    threading.Thread(target=send, daemon=True).start()
-    return sock
+    def _read(self):
+        try:
+            while chunk := self.sock.recv(65536):
+                self.answer += chunk
+                self.answered_at = self.answered_at or time.monotonic()
+                self._answered.set()
+        except OSError:
+            pass
+        self._answered.set()
 
-
-def _answer(sock: socket.socket, bound_s: float) -> bytes:
-    """What the server answered: the bytes until it closed the connection."""
-    data = b""
-    sock.settimeout(bound_s)
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
+    def close(self, bound_s: float) -> bytes:
+        self.threads[1].join(bound_s)
+        self.sock.close()
+        return self.answer
 
 
 def test_slow_bodies_get_408_and_hold_no_one(server, prompts, expected):
     port, head = server.http.port, (f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                     f"Authorization: {AUTH['Authorization']}\r\n")
     clients = [
-        _slow_client(port, head.encode() + b"Content-Length: 200\r\n\r\n{\"prompt\"", [], 0),  # never finishes
-        _slow_client(port, head.encode() + b"Content-Length: 2000\r\n\r\n", [b"{"] * 2000, 0.2),  # a byte at a time
-        _slow_client(port, head.encode() + b"Transfer-Encoding: chunked\r\n\r\n", [b"1\r\n \r\n"] * 2000, 0.2),
+        SlowClient(port, head.encode() + b"Content-Length: 200\r\n\r\n{\"prompt\"", [], 0),  # never finishes
+        SlowClient(port, head.encode() + b"Content-Length: 2000\r\n\r\n", [b"{"] * 2000, 0.2),  # a byte at a time
+        SlowClient(port, head.encode() + b"Transfer-Encoding: chunked\r\n\r\n", [b"1\r\n \r\n"] * 2000, 0.2),
     ]
     start = time.monotonic()
     r = httpx.post(server.http_url + COMPLETIONS, headers=AUTH, timeout=30, json={
@@ -153,10 +166,30 @@ def test_slow_bodies_get_408_and_hold_no_one(server, prompts, expected):
     assert r.status_code == 200, r.text
     assert [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]] == expected[1]
     assert time.monotonic() - start < BODY_TIMEOUT_S  # answered while the slow bodies were still open
-    for sock in clients:
-        data = _answer(sock, 10)
-        sock.close()
-        assert data.startswith(b"HTTP/1.1 408"), data[:200]
-        assert b'"code":"request_timeout"' in data and b"limits.request_body_timeout_s" in data
-    assert time.monotonic() - start < BODY_TIMEOUT_S + 2
+    for client in clients:
+        answer = client.close(10)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"code":"request_timeout"' in answer and b"limits.request_body_timeout_s" in answer
+        assert client.answered_at - start < BODY_TIMEOUT_S + 1
     assert pools_full(server) == []
+
+
+RAISING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                    "{{ raise_exception('System message must be first') }}{% endif %}{{ m['content'] }}{% endfor %}")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_the_clients_error(server):
+    hf = server.router.tokenizer.hf
+    template, hf.chat_template = hf.chat_template, RAISING_TEMPLATE
+    messages = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
+    try:
+        r = httpx.post(server.http_url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                       json={"messages": messages, "max_tokens": 2})
+        with pytest.raises(RemoteError) as e:
+            collect(server.grpc_address, messages=messages, api_key=API_KEY, sampling={"max_tokens": 2})
+    finally:
+        hf.chat_template = template
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("messages: the model's chat template refuses them: "
+                                            "System message must be first")
+    assert e.value.status.name == "INVALID_ARGUMENT" and "System message must be first" in e.value.details
