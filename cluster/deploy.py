@@ -7,9 +7,10 @@ one a node was started with) pin its workers to the nodes that have them.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -71,6 +72,15 @@ class _Gang:
     peer_loads: list
     pool: PoolConfig
     group: object  # its placement group
+    step_loops: list = field(default_factory=list)  # ranks > 0: they end only when rank 0 stops the gang
+
+    async def watch(self) -> str:
+        """Wait until one of ranks > 0 leaves its step loop; why (a gang without peers waits forever)."""
+        if not self.step_loops:
+            await asyncio.Event().wait()
+        done, _ = await asyncio.wait([asyncio.ensure_future(_outcome(r)) for r in self.step_loops],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
 
 
 class Deployment:
@@ -81,7 +91,6 @@ class Deployment:
         self.actors: list = []  # every rank of every worker
         self.workers: list = []  # rank 0 of each
         self.groups: list = []
-        self.step_loops: list = []  # ranks > 0: their step loops (they end when rank 0 stops the gang)
         self.gangs: dict[str, _Gang] = {}
         self._next_index: dict[str, int] = {}
 
@@ -157,7 +166,7 @@ class Deployment:
             if gang.role == "decode":
                 self._get(gang.rank0.set_peer_endpoints.remote([i["endpoint"] for i in peer_infos]), gang.name,
                           "endpoints")
-            self.step_loops += [p.serve_steps.remote() for p in gang.peers]
+            gang.step_loops = [p.serve_steps.remote() for p in gang.peers]
         load = WorkerLoad(0, 0, info.num_blocks, info.num_blocks, 0, 0)
         return WorkerHandle(gang.role, gang.rank0, info, load)
 
@@ -188,6 +197,14 @@ class Deployment:
         for pg in self.groups:
             remove_placement_group(pg)
         self.actors, self.workers, self.groups = [], [], []
+
+
+async def _outcome(ref) -> str:
+    try:
+        await ref
+        return "a rank left its step loop"
+    except ray.exceptions.RayError as e:
+        return f"a rank failed ({type(e).__name__})"
 
 
 def _wait_ready(pg, timeout_s: float) -> bool:

@@ -52,22 +52,36 @@ class Server:
                                  workers, self.metrics)
             self.router.on_worker_died = self._replace_later
             self.router.start()
+            for worker in workers:
+                self._watch_gang(worker)
             r, limits = self.config.router, self.config.limits
             self.grpc = await start_grpc_server(self.router, r.host, r.grpc_port, r.api_key,
                                                 limits.max_request_bytes, limits.max_tokens)
             app = build_app(self.router, api_key=r.api_key, max_request_bytes=limits.max_request_bytes,
+                            body_timeout_s=limits.request_body_timeout_s,
                             metrics=self.metrics, default_max_tokens=limits.max_tokens)
             self.http = await start_http_server(app, r.host, r.http_port)
         except BaseException:
             await self.stop(drain_s=0)
             raise
 
+    def _watch_gang(self, worker) -> None:
+        """A TP gang whose other rank dies is dead as a whole: rank 0 is stopped, so the router sees it go."""
+        async def watch():
+            reason = await self.deployment.gangs[worker.name].watch()
+            if not self._stopping and worker.healthy:
+                log.error("%s: %s; stopping the gang", worker.name, reason)
+                ray.kill(worker.actor)
+        self._track(asyncio.ensure_future(watch()))
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
     def _replace_later(self, dead) -> None:
         if self._stopping:
             return
-        task = asyncio.ensure_future(self._replace(dead))
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._track(asyncio.ensure_future(self._replace(dead)))
 
     async def _replace(self, dead) -> None:
         """A dead worker's pool starts another in its place; it joins routing once it has loaded."""
@@ -85,6 +99,7 @@ class Server:
         if self._stopping:
             return
         self.router.add_worker(worker, replacing=dead)
+        self._watch_gang(worker)
         log.warning("%s replaced by %s", dead.name, worker.name)
 
     @property

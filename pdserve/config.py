@@ -58,6 +58,7 @@ class LimitsConfig(_Strict):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_tokens: int = Field(4096, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1)
+    request_body_timeout_s: float = Field(30.0, gt=0)  # an HTTP body must arrive whole within this (408)
     max_concurrent_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=0)
 

@@ -171,3 +171,35 @@ def test_time_bound_cuts_the_run():
     run = asyncio.run(run_load(backend, reqs, LoadSpec(rate=100.0, duration_s=0.3, progress=False)))
     assert 10 < len(run.results) < 40 and run.num_unfinished == 100 - len(run.results)
     assert run.duration_s == pytest.approx(0.3, abs=0.15)
+
+
+def test_sse_lines_count_chunks_and_take_usage():
+    from pdserve.bench.serving.backends import OpenAIBackend, _Timer
+
+    timer = _Timer(RequestResult(prompt_len=3))
+    lines = ['data: {"choices":[{"text":"ab","index":0}]}', "", ": keep-alive",
+             'data: {"choices":[{"text":"","index":0}]}',  # no content: not a token
+             'data: {"choices":[{"delta":{"content":"c"},"index":0}]}',
+             'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}', "data: [DONE]"]
+    usage = [OpenAIBackend._line(line, timer) for line in lines]
+    assert usage == [None] * 5 + [5, None]
+    assert timer.result.output_len == 2 and len(timer.result.itl_s) == 1 and timer.result.ttft_s is not None
+    OpenAIBackend._line('data: {"error":{"message":"boom"}}', timer)
+    assert timer.result.error == "stream_error"
+
+
+def test_targets_from_arguments():
+    from pdserve.bench.serving.compare import labels
+    from pdserve.bench.serving.target import Target, is_url, parse_overrides, url_target
+
+    assert url_target("http://h:8000") == Target("http://h:8000", http_url="http://h:8000")
+    assert url_target("h:50051") == Target("h:50051", grpc_address="h:50051")
+    assert not is_url("configs/colocated.yaml") and is_url("h:1")
+    assert labels(["configs/cpu-1p1d.yaml", "x/colocated.yaml"]) == ["cpu-1p1d", "colocated"]
+    assert labels(["a/c.yaml", "b/c.yaml"]) == ["A:c", "B:c"]
+    assert parse_overrides(["disaggregated=false", "prefill={count: 2}"]) == {"disaggregated": False,
+                                                                            "prefill": {"count": 2}}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["model"])
+    with pytest.raises(ValueError, match="no address for the openai backend"):
+        url_target("h:1").url_for("openai")

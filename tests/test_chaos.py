@@ -86,3 +86,35 @@ def test_single_decode_worker_killed_ends_requests_within_5s(path, prompts):
         unfinished = [r for r in runs if r.finish is None]
         assert unfinished and all(r.error.status.name == "UNAVAILABLE" for r in unfinished)
         assert all(r.error is None for r in runs if r.finish == "length")
+
+
+def test_killing_one_tp_rank_takes_its_gang_out_and_loses_no_request(path, prompts, reference):
+    """Decode workers are TP gangs of 2: rank 1 of one is killed mid-stream; its gang leaves routing, its
+    requests are migrated to the other gang, and the pool starts a new gang."""
+    config = tiny_config(path, transport="gloo", transfer_timeout_s=5.0, rank_timeout_s=20.0,
+                         prefill={"count": 1, "tp_size": 1}, decode={"count": 2, "tp_size": 2})
+    with ServerThread(config) as server:
+        runs = _load(server, prompts)
+        _wait_streaming(runs, 5)
+        victim = next(w for w in server.router.workers if w.role == "decode")
+        [peer] = server.deployment.gangs[victim.name].peers
+        ray.kill(peer)
+        killed_at = time.monotonic()
+        for r in runs:
+            r.join(120)
+        assert [r.error for r in runs] == [None] * NUM_STREAMS
+        assert [r.ids for r in runs] == [reference[i % len(prompts)] for i in range(NUM_STREAMS)]
+        assert _replaced(server, "decode", victim.name, 60 - (time.monotonic() - killed_at)) >= 0
+        assert pools_full(server) == []
+
+
+def test_a_full_kv_pool_makes_admission_wait_not_fail(path, prompts, reference):
+    """Pools of 16 blocks (two or three sequences' worth): 32 streams wait for leases instead of
+    overcommitting, and all complete with their undisturbed tokens."""
+    with ServerThread(tiny_config(path, transport="gloo", num_kv_blocks=16)) as server:
+        runs = _load(server, prompts)
+        for r in runs:
+            r.join(180)
+        assert [r.error for r in runs] == [None] * NUM_STREAMS
+        assert [r.ids for r in runs] == [reference[i % len(prompts)] for i in range(NUM_STREAMS)]
+        assert pools_full(server) == []

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pdserve.cli import main
 from pdserve.config import DeploymentConfig, load_config, parse_config
@@ -21,6 +22,13 @@ def test_default_yaml_is_the_builtin_default():
     for field in ("model", "dtype", "block_size", "disaggregated", "prefill", "decode", "router"):
         assert getattr(on_disk, field) == getattr(builtin, field)
     assert on_disk == builtin  # every field: the file holds exactly what runs with no -c
+
+    def fields(data: dict, prefix: str = "") -> set[str]:
+        return {f"{prefix}{k}" for k in data} | {
+            name for k, v in data.items() if isinstance(v, dict) and v for name in fields(v, f"{prefix}{k}.")}
+
+    written = yaml.safe_load((Path(__file__).parent.parent / "configs" / "default.yaml").read_text())
+    assert fields(written) == fields(builtin.model_dump())  # and spells every one out
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ beside streams in flight, metrics, health and status."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,8 +20,8 @@ from pdserve.cluster.serve import ServerThread
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.status import fetch_status, format_status
 
-LIMITS = {"max_prompt_tokens": 200, "max_request_bytes": 16384, "max_concurrent_requests": 40,
-          "max_queued_requests": 64}
+LIMITS = {"max_prompt_tokens": 200, "max_request_bytes": 16384, "max_concurrent_requests": 8,
+          "max_queued_requests": 2}
 LONG = 64  # tokens of the streams kept in flight while bad requests come in
 NUM_BLOCKS = 128
 
@@ -27,10 +29,13 @@ NUM_BLOCKS = 128
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray cluster for both deployments (starting one takes longer than serving all the tests)."""
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
@@ -85,6 +90,16 @@ def test_disconnect_mid_stream_frees_blocks_and_others_go_on(server, prompts, ex
     key = ("pdserve_requests_total", (("finish_reason", "length"),))
     assert after[key] - before.get(key, 0) == len(prompts)
     assert server.router.streams == {}
+
+
+def test_disconnect_before_a_whole_response_aborts_it(server, prompts):
+    url = server.http_url
+    before = metric_samples(url)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long non-streamed answer
+        httpx.post(url + "/v1/completions", json=greedy_body(prompts[1], 400), headers=HEADERS, timeout=0.5)
+    assert pools_full(server) == []
+    key = ("pdserve_requests_total", (("finish_reason", "length"),))
+    assert metric_samples(url).get(key, 0) == before.get(key, 0) and server.router.streams == {}
 
 
 def _bad_requests(max_prompt: int):
@@ -153,6 +168,27 @@ def _post(url: str, args: dict) -> httpx.Response:
     return httpx.post(url + args.pop("path", "/v1/completions"), **args, timeout=30)
 
 
+def test_full_queue_is_429_at_once_and_the_rest_complete(server, prompts, expected_long):
+    url = server.http_url
+    before = metric_samples(url)
+    with _workers_stopped(server):  # 8 run (waiting on the workers), 2 queue, 2 are refused without them
+        streams = [Stream(url, greedy_body(prompts[i % len(prompts)], LONG)) for i in range(12)]
+        deadline = time.monotonic() + 10
+        while sum(s.ended is not None for s in streams) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [s for s in streams if s.ended is not None]
+    assert len(refused) == 2
+    for s in refused:
+        error = json.loads(s.error["body"])["error"]
+        assert (s.error["status"], error["type"], error["code"]) == (429, "rate_limit_error", "resource_exhausted")
+        assert "max_queued_requests 2" in error["message"]
+    served = [(s.join().ids, expected_long[i % len(prompts)]) for i, s in enumerate(streams) if s not in refused]
+    assert len(served) == 10 and all(got == want for got, want in served)
+    after = metric_samples(url)
+    assert _delta(before, after, "pdserve_request_errors_total", kind="resource_exhausted") == 2
+    assert pools_full(server) == []
+
+
 def _delta(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
@@ -163,8 +199,8 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     before = metric_samples(url)
     for p in prompts:
         complete(url, greedy_body(p, MAX_TOKENS))
-    assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "temperature": -1},
-                      headers=HEADERS).status_code == 400
+    for bad in ({"prompt": "hi", "temperature": -1}, {"prompt": [65] * (LIMITS["max_prompt_tokens"] + 1)}):
+        assert httpx.post(url + "/v1/completions", json=bad, headers=HEADERS).status_code == 400
     after = metric_samples(url)
     n = len(prompts)
     assert _delta(before, after, "pdserve_requests_total", finish_reason="length") == n
@@ -172,7 +208,8 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     assert _delta(before, after, "pdserve_generation_tokens_total") == n * MAX_TOKENS
     assert _delta(before, after, "pdserve_time_to_first_token_seconds_count") == n
     assert _delta(before, after, "pdserve_e2e_request_latency_seconds_count") == n
-    assert _delta(before, after, "pdserve_request_errors_total", kind="invalid_argument") == 1
+    # one refused by the front door (its schema), one by the core (the prompt limit)
+    assert _delta(before, after, "pdserve_request_errors_total", kind="invalid_argument") == 2
     itl = _delta(before, after, "pdserve_inter_token_latency_seconds_count")
     disaggregated = server.config.disaggregated
     # disaggregated, the first delta is prefill's one token and every later token has a gap
