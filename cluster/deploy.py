@@ -58,7 +58,8 @@ def connect_ray(config: DeploymentConfig, verbose: bool = False) -> bool:
 
         need = sum(p.count * p.tp_size for _, p in pools_of(config))
         kwargs["num_cpus"] = max(os.cpu_count() or 1, need)
-    ray.init(address=config.ray.address, **kwargs)
+    # NOTE: "local", not None: None would join any Ray cluster already running on this machine.
+    ray.init(address=config.ray.address or "local", **kwargs)
     return config.ray.address is None
 
 

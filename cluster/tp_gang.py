@@ -52,7 +52,7 @@ class TPGang:
         the terminal only when pdserve logs at INFO (`-v`)."""
         if not ray.is_initialized():
             verbose = log.getEffectiveLevel() <= logging.INFO
-            ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=verbose,
+            ray.init(address=config.ray.address or "local", include_dashboard=False, log_to_driver=verbose,
                      logging_level=logging.WARNING if verbose else logging.ERROR)
         return cls(config, tp_size)
 
