@@ -184,6 +184,10 @@ class Router:
                     kind = e.lost or ("transfer" if e.retryable else None)
                     if kind is None or budget[kind] <= 0:
                         raise
+                    if kind == "transfer":  # run it again on other workers, or not at all
+                        stream.avoid |= {w.name for w in (stream.prefill, stream.decode) if w is not None}
+                        if not self.dispatch.has_alternative(stream, "prefill"):
+                            raise
                     budget[kind] -= 1
                     log.warning("%s: %s; running it again (%d tokens in)", stream.request_id, e.message,
                                 len(generated))

@@ -37,7 +37,7 @@ class Dispatch:
         decode, lease = await self._lease(stream, prompt, params)
         stream.move(RequestState.LEASED)
         stream.decode = decode
-        prefill = self._pick(self.prefill_policy, "prefill", len(prompt))
+        prefill = self._pick(self.prefill_policy, "prefill", len(prompt), stream)
         stream.prefill = prefill
         target = KVTarget(lease.transfer_id, lease.destination, lease.block_ids)
         prefill.sent_tokens += len(prompt)
@@ -60,7 +60,9 @@ class Dispatch:
         deadline = time.monotonic() + self.config.rank_timeout_s
         blocks = -(-(len(prompt) + 1) // self.config.block_size)
         while True:
-            for decode in self.decode_policy.order(self.healthy("decode"), len(prompt)):
+            healthy = self.healthy("decode")
+            preferred = [w for w in healthy if w.name not in stream.avoid] or healthy
+            for decode in self.decode_policy.order(preferred, len(prompt)):
                 tid = next(self._transfer_ids)
                 lease: Reservation | None = await self.call(decode, decode.actor.reserve.remote(
                     stream.worker_id, prompt, params, tid))
@@ -75,14 +77,21 @@ class Dispatch:
             await asyncio.sleep(RESERVE_RETRY_S)
 
     async def colocated(self, stream: RequestStream, prompt: list[int], params: SamplingParams) -> None:
-        worker = self._pick(self.decode_policy, "colocated", len(prompt))
+        worker = self._pick(self.decode_policy, "colocated", len(prompt), stream)
         stream.decode = worker
         worker.sent_tokens += len(prompt)
         stream.move(RequestState.DECODING)
         await self.call(worker, worker.actor.submit.remote(stream.worker_id, prompt, params))
 
-    def _pick(self, policy, role: str, num_tokens: int) -> WorkerHandle:
-        ordered = policy.order(self.healthy(role), num_tokens)
+    def has_alternative(self, stream: RequestStream, role: str) -> bool:
+        """A healthy worker of `role` that the request has not failed on."""
+        return any(w.name not in stream.avoid for w in self.healthy(role))
+
+    def _pick(self, policy, role: str, num_tokens: int, stream: RequestStream) -> WorkerHandle:
+        """The policy's best healthy worker, one the request has not failed on if there is such."""
+        candidates = self.healthy(role)
+        candidates = [w for w in candidates if w.name not in stream.avoid] or candidates
+        ordered = policy.order(candidates, num_tokens)
         if not ordered:
             raise WorkerFailedError(f"no healthy {role} worker")
         return ordered[0]

@@ -61,6 +61,7 @@ class RequestStream:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     attempt: int = 0
+    avoid: set[str] = field(default_factory=set)  # workers an earlier attempt's transfer failed on
     worker_id: str = ""  # the id the workers know this attempt by (`<request_id>` then `<request_id>#<n>`)
     # the workers holding the current attempt (abort goes there)
     prefill: object | None = None
