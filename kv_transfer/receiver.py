@@ -24,6 +24,7 @@ from pdserve.kv_transfer.messages import (
 )
 from pdserve.kv_transfer.staging import StagingPool, copy_programs, device_index, pinned_index
 from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
+from pdserve.kv_transfer.transport import open_ingest
 
 ReleaseBlocks = Callable[[list[int]], None]
 
@@ -55,7 +56,7 @@ class KVReceiver:
         self._traced = 0  # traced transfers expected and not finished (pairs then trace their headers)
         # where the pairs' header traces record events: the last traced transfer's (None: host stamps only)
         self._trace_device = None if self.config.trace == "host" else kv_cache.device
-        self._ingest = _make_ingest(transport, self, host)
+        self._ingest = open_ingest(transport, self, host)
         self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -275,11 +276,3 @@ class KVReceiver:
                 else:
                     with self._lock:
                         self._quarantine.append(inc)
-
-
-def _make_ingest(kind: TransportKind, receiver: KVReceiver, host: str):
-    if kind is TransportKind.TORCH:
-        from pdserve.kv_transfer.torch_ingest import TorchDistIngest
-        return TorchDistIngest(receiver, host)
-    from pdserve.kv_transfer.grpc_transport import GrpcIngest
-    return GrpcIngest(receiver, host)

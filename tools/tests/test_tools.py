@@ -1,12 +1,12 @@
 """The tools run: each answers --help, and the KV trace tool's CPU smoke run traces and profiles."""
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from conftest import TOOLS
-
+TOOLS = pathlib.Path(__file__).resolve().parents[1]
 TOOL_SCRIPTS = ["all_reduce", "gemm", "host", "kv_pipeline", "kv_trace"]
 
 
@@ -21,7 +21,8 @@ def test_every_tool_answers_help():
 
 
 @pytest.mark.timeout(240)
-def test_kv_trace_cpu_smoke_run(tmp_path):
+def test_kv_trace_cpu_smoke_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))  # as `python tools/kv_trace.py` has it (the spawned processes too)
     import kv_trace
 
     kv_trace.main(["--device", "cpu", "--sizes", "256", "--iters", "2", "--warmup", "1", "--skip-grpc",
