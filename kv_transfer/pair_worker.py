@@ -12,8 +12,8 @@ import torch
 from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.graphs import capture
+from pdserve.kv_transfer.layout import SendSlice, message_shape
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
-from pdserve.kv_transfer.plan import SendSlice, message_shape
 from pdserve.kv_transfer.staging import device_index
 from pdserve.kv_transfer.transport import Link, open_link
 

@@ -10,9 +10,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import block_copy, ops
-from pdserve.kv_transfer.incoming import Incoming
 from pdserve.kv_transfer.layout import KVLayout
-from pdserve.kv_transfer.ledger import FINISHED_KEPT, TransferLedger
 from pdserve.kv_transfer.messages import (
     MessagePart,
     TransferConfig,
@@ -22,6 +20,7 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
+from pdserve.kv_transfer.records import FINISHED_KEPT, Incoming, TransferLedger
 from pdserve.kv_transfer.staging import StagingPool, copy_programs, device_index, pinned_index
 from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
 from pdserve.kv_transfer.transport import open_ingest
