@@ -109,7 +109,7 @@ class DeploymentConfig(_Strict):
     disaggregated: bool = True  # read by the serving layer (cluster/deploy.py), which wires it
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()
-    kv_transfer: KVTransferConfig = KVTransferConfig()
+    kv_transfer: KVTransferConfig = KVTransferConfig()  # read by the serving layer (its workers), which wires it
     rank_timeout_s: float = Field(60.0, gt=0.0)
     router: RouterConfig = RouterConfig()  # read by the serving layer (router/), which wires it
     limits: LimitsConfig = LimitsConfig()  # read by the serving layer (router/), which wires it
