@@ -39,9 +39,10 @@ class _GangEngine(LLMEngine):
         super().__init__(config, runner)
         self.channel = channel
 
-    def execute(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None,
+                layer_hook=None) -> torch.Tensor:
         self.channel.publish(STEP, batch.pack(), self.config.rank_timeout_s)
-        return super().execute(batch, prev_sampled)
+        return super().execute(batch, prev_sampled, layer_hook)
 
     def stop_peers(self) -> None:
         self.channel.publish(STOP, None, self.config.rank_timeout_s)

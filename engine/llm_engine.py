@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -18,6 +20,15 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.step import StepBatch
 from pdserve.errors import InvalidRequestError
+
+
+class KVSaver(Protocol):
+    """The prefill side's connector: ships the KV of requests that hold their blocks."""
+
+    def begin(self, requests: list[Request]) -> Callable[[int], None]:
+        """`requests`' prompts are complete with the step about to run: start their transfers; return the
+        hook the model calls as each layer's KV is written."""
+        ...
 
 
 @dataclass
@@ -71,21 +82,68 @@ class LLMEngine:
         overlap = config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if overlap is None else overlap
         self._in_flight: _Launched | None = None
+        # Disaggregation seams (docs/architecture.md): the prefill side's KV saver, requests whose blocks
+        # outlive them until their transfer ends, and the decode side's reservations awaiting their KV.
+        self.kv_saver: KVSaver | None = None
+        self.held: dict[str, Request] = {}
+        self.reserved: dict[str, Request] = {}
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; it joins the running batch at the next step."""
+                    request_id: str | None = None, hold_blocks: bool = False) -> str:
+        """Validate and queue a request; it joins the running batch at the next step. `hold_blocks`: its
+        prompt's KV is shipped (through `kv_saver`), so its blocks stay allocated until `release`."""
+        req = self._new_request(prompt_token_ids, params, request_id)
+        req.hold_blocks = hold_blocks
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _new_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None) -> Request:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.held or request_id in self.reserved:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
         gen = None
         if params.seed is not None and not params.is_greedy:
             gen = torch.Generator(self.runner.device).manual_seed(params.seed)
-        req = Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids, generator=gen)
+        return Request(request_id, list(prompt_token_ids), params, self.spec.eos_token_ids, generator=gen)
+
+    # --- prefill side: delayed free ---------------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """A held request's transfer ended (or never started): its blocks go back to the pool."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    # --- decode side: reservations (leases) -------------------------------------------------------
+    def can_reserve(self, num_tokens: int) -> bool:
+        return self.kv.pool.can_allocate(-(-num_tokens // self.config.block_size))
+
+    def reserve(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> list[int]:
+        """Take blocks for the prompt's KV, to be filled by a transfer; the request waits for its KV (not for
+        compute) until `admit`. Check `can_reserve` first."""
+        req = self._new_request(prompt_token_ids, params, request_id)
+        self.kv.allocate(req, len(req.prompt_token_ids))
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.reserved[request_id] = req
+        return list(req.block_table)
+
+    def admit(self, request_id: str, first_token: int) -> None:
+        """The reserved request's KV has arrived and prefill sampled `first_token`: it joins the batch with
+        its prompt computed and that token as its next input (the prompt is never recomputed here)."""
+        req = self.reserved.pop(request_id)
+        req.num_computed_tokens = len(req.prompt_token_ids)
+        req.append_token(first_token)
+        req.status = RequestStatus.WAITING
         self.requests[request_id] = req
         self.scheduler.add(req)
-        return request_id
+
+    def drop_reserved(self, request_id: str) -> None:
+        """The reservation ends unused (its transfer failed, its lease expired, or it was aborted): its
+        blocks go back, once nothing can still write into them (the caller knows)."""
+        req = self.reserved.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -99,9 +157,16 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
 
     def abort(self, request_id: str) -> None:
+        """End a queued or running request. A held one stays held (its transfer may be reading its blocks);
+        a reserved one is the caller's to drop (a transfer may be writing into them)."""
         req = self.requests.pop(request_id, None)
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._hold(req)
+
+    def _hold(self, req: Request) -> None:
+        if req.hold_blocks and req.block_table:
+            self.held[req.request_id] = req
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or (self._in_flight is not None and self._in_flight.live())
@@ -124,9 +189,10 @@ class LLMEngine:
                 outputs += self._resolve(launched)
         return outputs
 
-    def execute(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run the model over one step (a TP gang's rank 0 also ships `batch` to its peers)."""
-        return self.runner.forward(batch, prev_sampled)
+        return self.runner.forward(batch, prev_sampled, layer_hook)
 
     def _needs_history(self) -> bool:
         """Some request's sampling reads its whole output (penalties): it cannot be planned past a token the
@@ -137,8 +203,11 @@ class LLMEngine:
         """Build, run and sample one step without waiting for the device; pending inputs come from `prev`."""
         sampling = [req for req, n in plan.scheduled if req.num_computed_tokens + n == req.num_tokens]
         num_prev = len(prev.sampling) if prev is not None else 0
+        # Requests that hold their blocks sample once: their prompt's KV is complete with this step.
+        saving = [req for req in sampling if req.hold_blocks]
+        layer_hook = self.kv_saver.begin(saving) if saving and self.kv_saver is not None else None
         logits = self.execute(StepBatch.build(plan, self.config.block_size, num_prev),
-                              prev.sampled if prev is not None else None)
+                              prev.sampled if prev is not None else None, layer_hook)
         out = self.runner.sample(logits, sampling) if sampling else None
         self.scheduler.launched(plan, sampling)
         return self._copy_to_host(sampling, out)
@@ -175,6 +244,7 @@ class LLMEngine:
                                          req.status.value if req in done else None, logprobs[req]))
             if req in done:
                 self.requests.pop(req.request_id, None)
+                self._hold(req)
         return results
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

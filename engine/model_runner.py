@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -124,18 +125,20 @@ class ModelRunner:
         return capacity
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: StepBatch, prev_sampled: torch.Tensor | None = None,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """All ranks: run the model over the step; return fp32 logits [N, vocab] for the sampled rows.
 
         `prev_sampled` (rank 0, asynchronous scheduling): the previous step's sampled ids on the device, where
         the step's pending input tokens (batch.prev_rows) come from; rank 0 broadcasts them to the others.
+        `layer_hook(i)`: called as each layer's KV store is enqueued (steps that ship KV; never graphed).
         """
         batch = batch.to(self.device, self.staging)
         if len(batch.prev_rows):
             batch.input_ids = self._fill_pending(batch, prev_sampled)
-        if self.graphs is not None and self.graphs.can_run(batch):  # shapes only: no sync
+        if layer_hook is None and self.graphs is not None and self.graphs.can_run(batch):  # shapes only: no sync
             return self.graphs.run(batch)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata())
+        hidden = self.model(batch.input_ids, batch.positions, batch.attention_metadata(), layer_hook)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def _fill_pending(self, batch: StepBatch, prev_sampled: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pdserve.engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # decode side: blocks reserved, the prompt's KV on its way
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -40,6 +41,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None
+    # Prefill side of disaggregation: the request's KV is shipped once its prompt is computed, so its blocks
+    # outlive it (a delayed free): the engine keeps them until `LLMEngine.release`.
+    hold_blocks: bool = False
     # Asynchronous scheduling: tokens sampled on the device whose ids the host has not read yet (at most one
     # when a step is scheduled), and that token's row among its step's sampled rows.
     num_pending: int = 0

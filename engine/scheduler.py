@@ -130,10 +130,12 @@ class Scheduler:
         return kept, finished
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        """End `req` wherever it is (waiting or running) and free its blocks at once."""
+        """End `req` wherever it is (waiting or running) and free its blocks at once, unless it holds them
+        for a KV transfer (its engine frees them when the transfer ends)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        if not req.hold_blocks:
+            self.kv.free(req)
         req.status = status

@@ -19,6 +19,13 @@ class Tokenizer:
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
         ))
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A whole conversation through the chat template, with the generation prompt added."""
+        if not self.hf.chat_template:
+            raise ConfigError("chat: this model's tokenizer has no chat template")
+        return list(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False))
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 

@@ -126,6 +126,17 @@ class KVReceiver:
         """Block (bounded) until the transfer ends; for callers that may block, such as tests and tools."""
         return self._book.wait(transfer_id, timeout_s, "did not finish")
 
+    def cancel(self, transfer_id: int, reason: str) -> bool:
+        """Fail an expected transfer that no sender has announced yet (its request was aborted); its blocks
+        come back through `release_blocks`. False when it is not waiting: a transfer already under way ends on
+        its own (done, or failed by its deadline), so the pairs it shares with other transfers stay up."""
+        with self._lock:
+            inc = self._book.active.get(transfer_id)
+            if inc is None or inc.conns or inc.state is not TransferState.WAITING:
+                return False
+        self._fail(inc, reason)
+        return True
+
     def close(self) -> None:
         self._closed.set()
         self._ingest.close()

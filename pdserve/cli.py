@@ -10,6 +10,8 @@ from pdserve.errors import PdserveError
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _generate_remote(args)
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.tokenizer import load_tokenizer
@@ -24,6 +26,36 @@ def _generate(args: argparse.Namespace) -> int:
     ids = tokenizer.encode_prompt(args.prompt, chat=args.chat)
     [out] = engine.generate([ids], params)
     print(tokenizer.decode(out))
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """Through a running server's gRPC API; same output as in-process."""
+    from pdserve.router.client import generate_text
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if args.chat:
+        out = generate_text(args.url, messages=[{"role": "user", "content": args.prompt}], sampling=sampling,
+                            api_key=args.api_key, timeout_s=args.timeout)
+    else:
+        out = generate_text(args.url, text=args.prompt, sampling=sampling, api_key=args.api_key,
+                            timeout_s=args.timeout)
+    print(out.text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.cluster.serve import serve
+
+    return serve(load_config(args.config), verbose=args.verbose)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pdserve.router.status import fetch_status, format_status
+
+    print(format_status(fetch_status(args.url, api_key=args.api_key, timeout_s=args.timeout)))
     return 0
 
 
@@ -56,7 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (a gang of Ray actors when > 1)")
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--url", default=None, help="HOST:PORT of a running server's gRPC API (default: in-process)")
+    g.add_argument("--api-key", default=None, help="with --url: the server's API key")
+    g.add_argument("--timeout", type=float, default=300.0, help="with --url: the call's deadline in seconds")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="bring up the deployment's workers and serve gRPC and HTTP until stopped")
+    s.add_argument("-c", "--config", default=None, help="deployment YAML (default: the embedded default)")
+    s.add_argument("-v", "--verbose", action="store_true", help="Ray's and the workers' logs too")
+    s.set_defaults(func=_serve)
+
+    st = sub.add_parser("status", help="pools and workers of a running server")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    st.add_argument("--api-key", default=None)
+    st.add_argument("--timeout", type=float, default=10.0)
+    st.set_defaults(func=_status)
 
     c = sub.add_parser("config", help="deployment files")
     csub = c.add_subparsers(dest="config_command", required=True)

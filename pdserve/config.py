@@ -32,6 +32,8 @@ class PoolConfig(_Strict):
 
     count: int = Field(1, ge=1)
     tp_size: int = Field(1, ge=1)
+    # Ray custom resources each worker's placement asks for: pins the pool to nodes started with them.
+    resources: dict[str, float] = {}
 
     _tp_size_power_of_two = field_validator("tp_size")(_power_of_two)
 

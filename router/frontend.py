@@ -74,6 +74,10 @@ class RouterCore(Protocol):
         UNAVAILABLE, ...) from the iterator. Closing the iterator aborts the request."""
         ...
 
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone (special tokens too), for logprobs: OpenAI's `token` strings."""
+        ...
+
     async def abort(self, request_id: str) -> bool:
         """Abort a running request by id; False if no such request is running."""
         ...

@@ -51,6 +51,27 @@ def make_tiny_checkpoint(folder, variant: str, seed: int = 0, **overrides) -> st
     return str(folder)
 
 
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def add_byte_tokenizer(folder) -> None:
+    """Give a tiny checkpoint a real tokenizer over its 256-id vocabulary: byte-level, one id per byte, no
+    merges (so any text encodes and every id decodes), with a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[2])
+    fast.chat_template = BYTE_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -112,3 +133,31 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     monkeypatch.setattr(torch, "empty_like", lambda x, **kw: nan_empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@pytest.fixture(scope="session")
+def serving_model(tmp_path_factory):
+    """The serving tests' tiny model (with a byte tokenizer): (path, prompt ids of TEXTS, greedy reference)."""
+    from serving_support import MAX_TOKENS, TEXTS, greedy_reference, tiny_model
+
+    from pdserve.engine.tokenizer import load_tokenizer
+
+    path = tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
+    tok = load_tokenizer(path)
+    prompts = [tok.encode_prompt(t) for t in TEXTS]
+    return path, prompts, greedy_reference(path, prompts, MAX_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def path(serving_model):
+    return serving_model[0]
+
+
+@pytest.fixture(scope="session")
+def prompts(serving_model):
+    return serving_model[1]
+
+
+@pytest.fixture(scope="session")
+def expected(serving_model):
+    return serving_model[2]

@@ -6,6 +6,7 @@ batch `[T, ...]`; attention reads the paged cache through `AttentionMetadata`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -104,13 +105,17 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] -> hidden states [T, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden states [T, hidden]. layer_hook(i): called once layer i's work,
+        # which stores its KV, is enqueued (a KV sender marks the layer written on the device timeline).
         residual = self.embed_tokens(input_ids)
         x = self.layers[0].input_layernorm(residual)
         for i, layer in enumerate(self.layers):
             following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x, residual = layer(positions, x, residual, meta, following)
+            if layer_hook is not None:
+                layer_hook(i)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""What every worker actor shares: one engine driven by its own loop thread, fed through a command queue,
+reporting through a long-poll.
+
+Ray calls (reserve, submit, abort, ...) arrive on the actor's call threads; the engine is not thread-safe,
+so each call hands a closure to the loop and waits (bounded) for its result. The loop runs the closures
+between steps, steps the engine while it has work, and collects every sequence's new tokens into one
+`WorkerReport`, which the router takes with `poll` — one call per report, never one per token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import ray
+
+from pdserve.config import DeploymentConfig
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.errors import PdserveError, WorkerFailedError
+from pdserve.messages import RequestFailure, TokenOutput, TransferOutcome, WorkerInfo, WorkerLoad, WorkerReport
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # longest the loop sleeps with nothing to do (a command wakes it at once)
+BUSY_WAIT_S = 0.001  # while transfers are in flight: how often their state is polled
+
+
+class EngineWorker:
+    """Base of the prefill, decode and colocated workers (subclasses set `role` and the hooks)."""
+
+    role = "worker"
+
+    def __init__(self, config: dict, name: str):
+        self.config = DeploymentConfig.model_validate(config)
+        self.name = name
+        self.engine: LLMEngine | None = None
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._report = threading.Condition()
+        self._outputs: dict[str, TokenOutput] = {}
+        self._failures: list[RequestFailure] = []
+        self._transfers: list[TransferOutcome] = []
+        self._fatal: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> WorkerInfo:
+        """Build the engine (and the role's transfer ends), start the loop; bounded by the caller."""
+        self.engine = LLMEngine(self.config)
+        self.setup()
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
+        self._thread.start()
+        return WorkerInfo(self.name, self.role, ray.get_runtime_context().get_node_id(), os.getpid(),
+                          self.engine.kv.num_blocks, self.engine.max_model_len)
+
+    def setup(self) -> None:
+        """Role hook: create the transfer end, attach connectors to the engine."""
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.teardown()
+
+    def teardown(self) -> None:
+        """Role hook: close the transfer end."""
+
+    def ping(self) -> bool:
+        if self._fatal is not None:
+            raise WorkerFailedError(f"{self.name}: {self._fatal}")
+        return True
+
+    # --- router-facing ------------------------------------------------------------------------
+    def poll(self, timeout_s: float) -> WorkerReport:
+        """Everything that happened since the previous poll; waits up to `timeout_s` for something."""
+        with self._report:
+            self._report.wait_for(lambda: self._outputs or self._failures or self._transfers or self._fatal,
+                                  timeout_s)
+            if self._fatal is not None:
+                raise WorkerFailedError(f"{self.name}: {self._fatal}")
+            report = WorkerReport(list(self._outputs.values()), self._failures, self._transfers, self.load_now())
+            self._outputs, self._failures, self._transfers = {}, [], []
+        return report
+
+    def abort(self, request_id: str) -> None:
+        self.call(lambda: self.on_abort(request_id))
+
+    def on_abort(self, request_id: str) -> None:
+        """Loop thread: end `request_id` wherever it is on this worker (role hook; extend, call super)."""
+        self.engine.abort(request_id)
+
+    def load_now(self) -> WorkerLoad:
+        e = self.engine
+        sched = e.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        return WorkerLoad(len(sched.running), len(sched.waiting) + len(e.reserved), e.kv.num_free_blocks,
+                          e.kv.num_blocks, queued, sched.num_preemptions)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def call(self, fn: Callable[[], object], timeout_s: float | None = None) -> object:
+        """Run `fn` on the loop thread between steps; its result or its exception, within the bound."""
+        if self._fatal is not None:
+            raise WorkerFailedError(f"{self.name}: {self._fatal}")
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future.result(timeout=timeout_s or self.config.rank_timeout_s)
+
+    def busy(self) -> bool:
+        """Role hook: something besides steps needs polling (transfers in flight)."""
+        return False
+
+    def before_step(self) -> None:
+        """Role hook, loop thread: collect transfer results, admit arrived KV, release blocks."""
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                self.before_step()
+                if self.engine.has_unfinished():
+                    self.emit(self.engine.step())
+                else:
+                    self._wake.wait(BUSY_WAIT_S if self.busy() else IDLE_WAIT_S)
+                    self._wake.clear()
+        except Exception as e:
+            log.exception("%s: loop failed", self.name)
+            with self._report:
+                self._fatal = f"engine loop failed: {type(e).__name__}: {e}"
+                self._report.notify_all()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except PdserveError as e:
+                future.set_exception(e)
+
+    # --- reporting ----------------------------------------------------------------------------
+    def emit(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        with self._report:
+            for o in outputs:
+                self._add_output(o.request_id, o.new_token_ids, o.finish_reason, o.logprobs)
+            self._report.notify_all()
+
+    def _add_output(self, request_id: str, token_ids: list[int], finish_reason: str | None, logprobs) -> None:
+        """Merge into the pending report (caller holds `_report`)."""
+        out = self._outputs.get(request_id)
+        if out is None:
+            self._outputs[request_id] = TokenOutput(request_id, list(token_ids), finish_reason, list(logprobs))
+        else:
+            out.token_ids += token_ids
+            out.logprobs += logprobs
+            out.finish_reason = finish_reason
+
+    def fail(self, request_id: str, code: str, message: str) -> None:
+        with self._report:
+            self._failures.append(RequestFailure(request_id, code, message))
+            self._report.notify_all()
+
+    def transferred(self, request_id: str, ok: bool, num_bytes: int, seconds: float) -> None:
+        with self._report:
+            self._transfers.append(TransferOutcome(request_id, ok, num_bytes, seconds))
+            self._report.notify_all()
+
+
+def wait_until(deadline: float) -> float:
+    """Seconds left until `deadline` (monotonic), at least 0."""
+    return max(0.0, deadline - time.monotonic())

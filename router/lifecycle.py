@@ -1,0 +1,87 @@
+"""One request's life in the router, as an explicit state machine.
+
+    QUEUED -> LEASED -> PREFILLING -> TRANSFERRING -> DECODING -> FINISHED | FAILED | ABORTED
+    (colocated: QUEUED -> DECODING -> ...)
+
+A request leaves QUEUED when it has an admission slot (and, disaggregated, a decode lease); every later
+state waits for an event from a worker — the first token from prefill, tokens from decode, a failure — and
+each such wait is bounded (`next_event`): a worker that says nothing for that long fails the request with
+UNAVAILABLE, so no client waits on a dead peer. Events arrive from the workers' poll tasks (`push`).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pdserve.errors import ErrorCode, PdserveError
+from pdserve.messages import RequestFailure, TokenOutput
+
+
+class RequestState(enum.Enum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def done(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.FAILED, RequestState.ABORTED)
+
+
+# The transitions the router makes; anything else is a bug (asserted).
+_NEXT = {
+    RequestState.QUEUED: {RequestState.LEASED, RequestState.DECODING},
+    RequestState.LEASED: {RequestState.PREFILLING},
+    RequestState.PREFILLING: {RequestState.TRANSFERRING},
+    RequestState.TRANSFERRING: {RequestState.DECODING},
+    RequestState.DECODING: set(),
+}
+
+
+class StreamError(PdserveError):
+    """A request failed on a worker; carries the worker's error code."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RequestStream:
+    request_id: str
+    num_prompt_tokens: int
+    state: RequestState = RequestState.QUEUED
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    # worker names holding the request now (abort goes there)
+    prefill: object | None = None
+    decode: object | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def move(self, state: RequestState) -> None:
+        if not state.done:
+            assert state in _NEXT[self.state], f"{self.request_id}: {self.state.value} -> {state.value}"
+        self.state = state
+
+    # --- from the poll tasks ------------------------------------------------------------------
+    def push(self, event: TokenOutput | RequestFailure | StreamError) -> None:
+        self.events.put_nowait(event)
+
+    async def next_event(self, timeout_s: float, waiting_for: str) -> TokenOutput:
+        """The next tokens for this request; a failure or silence past `timeout_s` raises."""
+        try:
+            event = await asyncio.wait_for(self.events.get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise StreamError(ErrorCode.UNAVAILABLE,
+                              f"no {waiting_for} within {timeout_s:.0f}s ({self.state.value})") from None
+        if isinstance(event, StreamError):
+            raise event
+        if isinstance(event, RequestFailure):
+            raise StreamError(ErrorCode[event.code], event.message)
+        return event
