@@ -46,3 +46,16 @@ def test_bad_section_values_name_the_field(data, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(data, "d.yaml")
     assert err.value.message == f"d.yaml: {expected}"
+
+
+def test_workers_take_the_section_with_host_sized_staging_on_cpu():
+    from pdserve.cluster.transfer import CPU_STAGING_BYTES, make_transfer_config, transport_kind
+    from pdserve.kv_transfer import TransportKind
+
+    config = load_config(None, device="cpu", kv_transfer={"timeout_s": 7.0})
+    assert make_transfer_config(config) == TransferConfig(timeout_s=7.0, staging_bytes=CPU_STAGING_BYTES,
+                                                          taper_bytes=0)
+    assert transport_kind(config) is TransportKind.TORCH
+    config = load_config(None, device="cpu", kv_transfer={"transport": "grpc", "staging_bytes": 1 << 20})
+    assert make_transfer_config(config) == TransferConfig(staging_bytes=1 << 20, taper_bytes=0)
+    assert transport_kind(config) is TransportKind.GRPC
