@@ -1,11 +1,14 @@
-"""KV transfer settings of a deployment, as the transfer ends take them."""
+"""A worker rank's KV transfer end (sender or receiver) over its slice of the cache, from the deployment."""
 from __future__ import annotations
 
 import dataclasses
 
+import ray
+import torch
+
 from pdserve.config import DeploymentConfig
 from pdserve.engine.model_runner import wants_cuda
-from pdserve.kv_transfer import TransferConfig, TransportKind
+from pdserve.kv_transfer import KVLayout, KVReceiver, KVSender, TransferConfig, TransportKind
 
 CPU_STAGING_BYTES = 64 << 20  # host memory: the GPU default (512 MiB per buffer) would be wasted there
 
@@ -24,3 +27,21 @@ def make_transfer_config(config: DeploymentConfig) -> TransferConfig:
 def transport_kind(config: DeploymentConfig) -> TransportKind:
     """`auto`: torch.distributed (NCCL between GPUs, gloo on CPU); `grpc` where asked."""
     return TransportKind.GRPC if config.kv_transfer.transport == "grpc" else TransportKind.TORCH
+
+
+def _layout(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int):
+    return KVLayout.of_cache(kv_cache, config.model, num_kv_heads, size, rank)
+
+
+def make_sender(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int,
+                rank: int) -> KVSender:
+    """Source blocks are freed by the worker's loop when every rank's part has ended, not by the sender."""
+    return KVSender(_layout(kv_cache, config, num_kv_heads, size, rank), kv_cache, lambda ids: None,
+                    config=make_transfer_config(config))
+
+
+def make_receiver(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int,
+                  release) -> KVReceiver:
+    return KVReceiver(_layout(kv_cache, config, num_kv_heads, size, rank), kv_cache, release,
+                      transport_kind(config), host=ray.util.get_node_ip_address(),
+                      config=make_transfer_config(config))

@@ -41,17 +41,19 @@ log = logging.getLogger(__name__)
 
 
 def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes: int = 1 << 20,
-              metrics: Metrics | None = None, default_max_tokens: int | None = None) -> FastAPI:
+              body_timeout_s: float = 30.0, metrics: Metrics | None = None,
+              default_max_tokens: int | None = None) -> FastAPI:
     """The HTTP API over `core`.
 
     `api_key`: when set, every `/v1/` route wants `Authorization: Bearer <api_key>` (401 otherwise);
     `/health` and `/metrics` stay open. `max_request_bytes`: larger bodies get 413 before any parsing,
-    chunked ones included. `default_max_tokens`: a chat request's `max_tokens` when it gives none
-    (None: the model's context length).
+    chunked ones included; a body not whole within `body_timeout_s` gets 408. `default_max_tokens`: a chat
+    request's `max_tokens` when it gives none (None: the model's context length).
     """
     metrics = metrics or Metrics()
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
+    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s, metrics=metrics)
     _add_error_handlers(app, metrics)
 
     @app.post("/v1/chat/completions")
@@ -60,7 +62,7 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         model = _served_model(core, body.model)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         inputs = chat_inputs(body, request_id, default_max_tokens or core.model_info().max_model_len)
-        fmt = ChatFormat(core, request_id, model, body.n, body.logprobs)
+        fmt = ChatFormat(core, request_id, model, body.n, body.logprobs, body.return_tokens_as_token_ids)
         return await _respond(request, core, inputs, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
@@ -68,7 +70,8 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         body = await _parse(request, CompletionRequest)
         model = _served_model(core, body.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        fmt = CompletionFormat(core, request_id, model, body.n, body.logprobs is not None)
+        fmt = CompletionFormat(core, request_id, model, body.n, body.logprobs is not None,
+                               body.return_tokens_as_token_ids)
         return await _respond(request, core, completion_inputs(body, request_id), fmt, body.stream, body.include_usage)
 
     @app.get("/v1/models")
@@ -265,6 +268,10 @@ async def start_http_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0
     """Serve `app` on `host:port` from the running event loop; returns once it accepts connections.
     Binding errors (port in use) raise OSError here."""
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # NOTE: asyncio turns Nagle's algorithm off only on sockets made with proto IPPROTO_TCP, which this one (proto
+    # 0) is not; the connections accepted from it inherit the option. With Nagle on, a response's body waits for
+    # the client's delayed ACK of its head: 40 ms on every answer but a connection's first.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
