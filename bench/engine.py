@@ -228,7 +228,7 @@ def run_gang(config, tp: int, context: int, batches) -> tuple[dict, ModelSpec]:
     ray.init(num_gpus=tp, include_dashboard=False, logging_level="ERROR")
     gang = TPGang(config, tp)
     try:
-        res = gang._wait(gang.ranks[0].bench.remote(context, list(batches)), 1800, "bench")
+        res = gang._wait(gang.ranks[0].run_on_engine.remote(measure, context, list(batches)), 1800, "bench")
         return {**res, "symmetric_all_reduce": gang.symmetric_all_reduce}, gang.spec
     finally:
         gang.shutdown()

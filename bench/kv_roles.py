@@ -4,6 +4,7 @@ The sender drives: it measures every baseline first (one contiguous NCCL send pe
 exists), then, for each staging configuration, asks the receiver to rebuild its receivers with it and
 times transfers of each size. Times run from the sender's start of the transfer to the receiver's last
 scatter done, on one monotonic clock (CLOCK_MONOTONIC is shared by every process of a host).
+tools/kv_trace.py extends both: requests of its own on the receiver (`ops`), traced rows on the sender.
 """
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pdserve.bench import kv_timeline
-from pdserve.bench.kv_probe import describe, host_latencies
-from pdserve.bench.kv_setup import RECEIVER, SENDER, Staging, checksum, make_cache
-from pdserve.bench.kv_stages import Peer, Stages
+from pdserve.bench.kv_setup import RECEIVER, SENDER, Peer, Stages, Staging, checksum, make_cache
 from pdserve.kv_transfer import (
     Destination,
     KVReceiver,
@@ -43,7 +41,9 @@ def wait_received(work, device: torch.device, stages: Stages) -> None:
     done.synchronize()
 
 
-def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
+def receiver_main(args, pipe, device: torch.device, stages: Stages, ops: dict | None = None) -> None:
+    """Serve the sender's requests until it closes the pipe. `ops`: more requests, by name, each answered by
+    `handler(msg, pipe, device, store)`."""
     stages.enter("creating the cache", 2 * args.stage_timeout)
     cache, layout = make_cache(args, RECEIVER, device)
     num_blocks = cache.shape[2]
@@ -58,14 +58,12 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
     bufs: dict[int, torch.Tensor] = {}
     receivers: dict[TransportKind, KVReceiver] = {}
     stages.enter("waiting for the sender", 4 * args.stage_timeout)
-    last, profiler = None, None
+    last = None
     while (msg := stages.recv(pipe)) is not None:
         stages.enter(msg["stage"], msg["timeout_s"], quiet=msg["stage"] == last)  # logged once per stage
         last = msg["stage"]
-        if msg["op"] == "probe":
-            probe = host_latencies(device, store)
-            stages.log(describe("receiver", probe))
-            pipe.send(probe)
+        if ops and msg["op"] in ops:
+            ops[msg["op"]](msg, pipe, device, store)
         elif msg["op"] == "configure":  # the sender has closed its pairs: rebuild the receivers
             for r in receivers.values():
                 r.close()
@@ -73,9 +71,6 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
             receivers = {TransportKind(k): KVReceiver(layout, cache, lambda ids: None, TransportKind(k),
                                                       config=config) for k in msg["kinds"]}
             pipe.send({k: r.endpoint for k, r in receivers.items()})
-        elif msg["op"] == "profile":  # the sender's --profile: around its traced transfers
-            profiler = _profile(profiler, msg["start"], args.out / f"kv_profile_receiver_{msg['tokens']}.json")
-            pipe.send("ready")
         elif msg["op"] == "baseline":
             nbytes = msg["nbytes"]
             buf = bufs.setdefault(nbytes, torch.empty(nbytes, dtype=torch.uint8, device=device))
@@ -100,23 +95,6 @@ def receiver_main(args, pipe, device: torch.device, stages: Stages) -> None:
         r.close()
     if device.type == "cuda":
         group.abort()
-
-
-def _profile(profiler, start: bool, path):
-    """--profile: start a torch profiler (host calls of every thread, CUDA API calls and kernels), or stop the
-    running one and write its Chrome trace to `path`; returns the running profiler or None."""
-    if start:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        profiler = torch.profiler.profile(
-            activities=activities, experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
-        profiler.start()
-        return profiler
-    profiler.stop()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profiler.export_chrome_trace(str(path))
-    return None
 
 
 def timed_kv(peer: Peer, sender, dest, cache, kind, tid, n, verify, trace=False,
@@ -234,8 +212,8 @@ class SenderRun:
                                               lead_s=args.prefill_lead_ms / 1e3)[0])
                     row["ready_GBps"] = nbytes / median(ready) / 1e9
                     row["ready_ratio"] = row["ready_GBps"] / row["baseline_GBps"]
-                if kind is TransportKind.TORCH and args.trace:
-                    row["trace"] = self.traced(sender, dest, row, median(times[-iters:]))
+                if kind is TransportKind.TORCH:
+                    self.more(sender, dest, row, median(times[-iters:]))
             row["ratio"] = row["torch_GBps"] / row["baseline_GBps"]
             rows.append(row)
             report(row)
@@ -243,37 +221,9 @@ class SenderRun:
         sender.close()  # first: its pairs end cleanly before the receiver rebuilds or goes
         return rows
 
-    def traced(self, sender, dest, row: dict, untraced_s: float) -> dict:
-        """`--iters` more transfers, traced on both sides; the timeline of the median one (kv_timeline)."""
-        stages, iters = self.stages, self.args.iters
-        stages.enter(f"torch {row['tokens']} tokens, {iters} traced transfers", self.args.stage_timeout)
-        runs, profile = [], self.args.profile and self.args.out is not None
-        if profile:
-            self.peer.ask_ready("profile", start=True, tokens=row["tokens"])
-            profiler = _profile(None, True, None)
-        for _ in range(iters):
-            self.tid += 1
-            runs.append(timed_kv(self.peer, sender, dest, self.cache, TransportKind.TORCH, self.tid,
-                                 row["blocks"], False, trace=self.args.trace))
-        if profile:
-            _profile(profiler, False, self.args.out / f"kv_profile_sender_{row['tokens']}.json")
-            self.peer.ask_ready("profile", start=False, tokens=row["tokens"])
-        runs.sort(key=lambda run: run[0])
-        seconds, marks = runs[len(runs) // 2]
-        t = kv_timeline.analyse(marks["send"], marks["recv"], marks["origin_ns"],
-                                row["bytes"] / (row["baseline_GBps"] * 1e9) * 1e6)
-        t.update(tokens=row["tokens"], bytes=row["bytes"], transfer_id=marks["tid"], traced=iters,
-                 duration_us=round(seconds * 1e6, 1),
-                 untraced_median_us=round(untraced_s * 1e6, 1))
-        return t
-
-    def probe(self) -> dict:
-        """Host latencies of both processes (kv_probe), the receiver's first; logged as they come."""
-        self.stages.enter("probing host latencies", 2 * self.args.stage_timeout)
-        probes = {"receiver": self.peer.ask("probe")}
-        probes["sender"] = host_latencies(self.device, self.store)
-        self.stages.log(describe("sender", probes["sender"]))
-        return probes
+    def more(self, sender: KVSender, dest: Destination, row: dict, seconds: float) -> None:
+        """After a row's timed transfers over torch.distributed (`seconds`: their median): nothing here; what
+        an extension adds to the row (tools/kv_trace.py: a traced transfer's timeline)."""
 
     def close(self) -> None:
         self.stages.enter("closing", self.args.stage_timeout)

@@ -10,7 +10,8 @@ other staging configurations at 4k and 16k tokens (NCCL only), one table row eac
 Observable and bounded: each process prints a progress line to stderr at every stage, every stage has a
 deadline (a stage that overruns raises an error naming it, or, if a call cannot be interrupted, ends the
 process with its name and every thread's stack), and each table row is printed (and kv_transfer.json
-rewritten) as soon as it is measured. Stages: bench/kv_stages.py; the two processes: bench/kv_roles.py.
+rewritten) as soon as it is measured. Stages: bench/kv_setup.py; the two processes: bench/kv_roles.py.
+Where a transfer's time goes (traced transfers, host latencies, a profile): tools/kv_trace.py.
 """
 from __future__ import annotations
 
@@ -26,11 +27,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pdserve.bench.kv_probe import describe
 from pdserve.bench.kv_roles import SenderRun, receiver_main
-from pdserve.bench.kv_setup import LLAMA3_8B, RECEIVER, SENDER, TINY, Staging
-from pdserve.bench.kv_stages import Stages
-from pdserve.bench.kv_timeline import format_trace
+from pdserve.bench.kv_setup import LLAMA3_8B, RECEIVER, SENDER, TINY, Stages, Staging
 from pdserve.kv_transfer import TransferConfig, TransportKind
 
 # NVLink SHARP / multicast stay off on the benchmark machines (every process inherits these).
@@ -44,8 +42,8 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",")]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--sizes", "--tokens", dest="sizes", type=_ints, default=None,
                    help="prompt lengths in tokens, e.g. 1024,4096 (default 1024,4096,16384; cpu: 256,1024)")
@@ -70,15 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time transfers started this long before their KV is ready (as a prefill worker "
                         "starts one when the prefill begins), from save_kv to the receiver's end: the "
                         "'from ready' columns (0: skip)")
-    p.add_argument("--trace", nargs="?", const=True, default=False, choices=[True, "host"],
-                   help="main table: after each size's timed transfers, --iters more traced on both sides "
-                        "(TransferConfig.trace); print the median one's timeline, stage by stage, and where "
-                        "its time went (also in the JSON). '--trace host': host stamps only (no CUDA events: "
-                        "cheaper, no device times)")
-    p.add_argument("--profile", action="store_true",
-                   help="with --trace and --out: the traced transfers also run under torch's profiler on both "
-                        "sides (every thread's host calls, CUDA API calls, kernels); Chrome traces "
-                        "kv_profile_{sender,receiver}_TOKENS.json in --out")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None,
                    metavar="BxMIB[/TAPER][@SMS][+spin|+block],...",
                    help=f"then time these staging configurations, NCCL only (default {DEFAULT_SWEEP}; cpu: "
@@ -91,8 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="deadline of one stage in seconds (process setup and gRPC stages get twice it)")
     p.add_argument("--total-timeout", type=float, default=300.0, help="deadline of the whole run in seconds")
     p.add_argument("--out", type=pathlib.Path, default=None, help="folder for kv_transfer.json")
-    args = p.parse_args(argv)
-    cpu = args.device == "cpu"
+    return p
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on --device, and the parsed staging configurations."""
+    cpu, defaults = args.device == "cpu", TransferConfig()
     args.shape = TINY if cpu else LLAMA3_8B
     args.sizes = args.sizes or ([256, 1024] if cpu else [1024, 4096, 16384])
     staging_mib = args.staging_mib or (1 if cpu else defaults.staging_bytes >> 20)
@@ -108,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return finish_args(build_parser().parse_args(argv))
+
+
 def _ready(r: dict) -> str:
     """The 'from ready' columns: GB/s from save_kv (transfer started ahead) and its ratio to one send."""
     if "ready_GBps" not in r:
@@ -119,7 +116,8 @@ class Report:
     """The tables on stdout, a row as soon as it is measured, and kv_transfer.json rewritten after each row."""
 
     def __init__(self, args):
-        self.args, self.rows, self.sweep, self.probes = args, [], [], {}
+        self.args, self.rows, self.sweep = args, [], []
+        self.extra: dict = {}  # more fields of the JSON record (tools/kv_trace.py: host latencies)
         self.backend = "nccl" if args.device == "cuda" else "gloo"
         print(f"KV transfer, {args.shape}, staging {args.staging_buffers} x {args.staging.mib} MiB, "
               f"taper {args.staging.taper_mib:g} MiB, header wait {'spin' if args.staging.spin else 'block'}, "
@@ -131,15 +129,8 @@ class Report:
         grpc = f"{r['grpc_GBps']:10.2f}" if "grpc_GBps" in r else f"{'-':>10}"
         print(f"{r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['baseline_GBps']:>12.1f} "
               f"{r['torch_GBps']:>13.1f} {r['ratio']:>6.2f} {_ready(r)} {grpc}", flush=True)
-        if "trace" in r:
-            print(format_trace(r["trace"]), flush=True)
         self.rows.append(r)
         self.write(done=False)
-
-    def host_latencies(self, probes: dict) -> None:
-        self.probes = probes
-        for role, probe in probes.items():
-            print(describe(role, probe), flush=True)
 
     def sweep_header(self) -> None:
         print("sweep: staging BUFFERS x MiB / taper MiB @ fraction of the SMs the copies run on [+spin|+block: "
@@ -161,8 +152,8 @@ class Report:
         record = {"shape": vars(args.shape), "device": args.device, "staging_mib": args.staging.mib,
                   "staging_buffers": args.staging.buffers, "taper_mib": args.staging.taper_mib,
                   "spin_for_header": args.staging.spin, "copy_sm_fraction": args.staging.copy_sm_fraction,
-                  "iters": args.iters, "complete": done, "host_latencies": self.probes, "rows": self.rows,
-                  "sweep": self.sweep}
+                  "iters": args.iters, "complete": done, "rows": self.rows, "sweep": self.sweep,
+                  **self.extra}
         if args.device == "cuda":
             record["gpus"] = [torch.cuda.get_device_name(i) for i in range(2)]
         path = args.out / "kv_transfer.json"
@@ -171,10 +162,10 @@ class Report:
             print(f"wrote {path}", flush=True)
 
 
-def sender_main(args, pipe, device: torch.device, stages: Stages) -> None:
-    report = Report(args)
-    run = SenderRun(args, pipe, device, stages)
-    report.host_latencies(run.probe())
+def sender_main(args, pipe, device: torch.device, stages: Stages, report: Report | None = None,
+                sender_run: SenderRun | None = None) -> None:
+    report = report or Report(args)
+    run = sender_run or SenderRun(args, pipe, device, stages)
     run.measure_baselines(args.all_sizes)
     kinds = [TransportKind.TORCH] + ([] if args.skip_grpc else [TransportKind.GRPC])
     run.measure(args.staging, args.sizes, kinds, report.row)
@@ -186,7 +177,8 @@ def sender_main(args, pipe, device: torch.device, stages: Stages) -> None:
     report.write(done=True)
 
 
-def worker(rank: int, args, pipes) -> None:
+def worker(rank: int, args, pipes, roles=(sender_main, receiver_main)) -> None:
+    """One of the two processes; `roles`: (sender's main, receiver's main) as (args, pipe, device, stages)."""
     stages = Stages(ROLES[rank], args.t0, f"process start (pid {os.getpid()})", 2 * args.stage_timeout)
     device = torch.device("cpu")
     if args.device == "cuda":
@@ -196,10 +188,7 @@ def worker(rank: int, args, pipes) -> None:
         torch.empty(1, device=device)  # the CUDA context, now
         stages.log(f"device set: {device} ({torch.cuda.get_device_name(rank)})")
     random.seed(rank)
-    if rank == RECEIVER:
-        receiver_main(args, pipes[RECEIVER], device, stages)
-    else:
-        sender_main(args, pipes[SENDER], device, stages)
+    roles[rank](args, pipes[rank], device, stages)
     # What is still running (a transfer thread left behind by a closed sender or receiver shows up here).
     stages.log(f"done; threads left: {sorted(t.name for t in threading.enumerate())}")
     if args.device == "cuda":
@@ -210,7 +199,11 @@ def worker(rank: int, args, pipes) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace, roles=(sender_main, receiver_main)) -> None:
+    """Spawn the two processes and supervise them within --total-timeout."""
     for key, value in GPU_ENV.items():
         os.environ.setdefault(key, value)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
@@ -220,7 +213,7 @@ def main(argv=None) -> None:
     print(f"[kv-bench    0.00s main] spawning 2 processes ({args.device}), sizes {args.sizes}{sweep}, "
           f"stage deadline {args.stage_timeout:.0f}s, total {args.total_timeout:.0f}s", file=sys.stderr, flush=True)
     a, b = mp.Pipe()
-    context = mp.spawn(worker, args=(args, (a, b)), nprocs=2, join=False)
+    context = mp.spawn(worker, args=(args, (a, b), roles), nprocs=2, join=False)
     deadline = args.t0 + args.total_timeout
     while not context.join(timeout=1.0):  # raises, naming the process, if one of them failed
         if time.monotonic() > deadline:

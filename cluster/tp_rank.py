@@ -127,11 +127,10 @@ class TPRank:
     def free_blocks(self) -> tuple[int, int]:
         return self.engine.kv.num_free_blocks, self.engine.kv.num_blocks
 
-    def bench(self, context: int, batches: list[int]) -> dict:
-        """Rank 0: time synthetic steps through the gang (see `pdserve.bench.engine`)."""
-        from pdserve.bench.engine import measure
-
-        return measure(self.engine, context, batches)
+    def run_on_engine(self, fn, *args):
+        """Rank 0: `fn(engine, *args)`, for drivers of the gang outside serving, such as a benchmark's timed
+        steps (`fn` travels by reference: the caller's module is imported here)."""
+        return fn(self.engine, *args)
 
     def shutdown(self) -> None:
         """Rank 0: stop the other ranks' loops (each then leaves the group too), then leave it."""

@@ -1,6 +1,8 @@
 """A worker rank's KV transfer end (sender or receiver) over its slice of the cache, from the deployment."""
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 import torch
 
@@ -12,14 +14,19 @@ CPU_STAGING_BYTES = 64 << 20  # host memory: the GPU default (512 MiB per buffer
 
 
 def make_transfer_config(config: DeploymentConfig) -> TransferConfig:
+    """The deployment's `kv_transfer:` section; on CPU, staging sized for host memory and no taper unless the
+    section sets them."""
+    section = config.kv_transfer
     if wants_cuda(config):
-        return TransferConfig(timeout_s=config.transfer_timeout_s)
-    return TransferConfig(timeout_s=config.transfer_timeout_s, staging_bytes=CPU_STAGING_BYTES, taper_bytes=0)
+        return section.transfer_config()
+    cpu = {"staging_bytes": CPU_STAGING_BYTES, "taper_bytes": 0}
+    return dataclasses.replace(section.transfer_config(),
+                               **{k: v for k, v in cpu.items() if k not in section.model_fields_set})
 
 
 def transport_kind(config: DeploymentConfig) -> TransportKind:
     """`auto`: torch.distributed (NCCL between GPUs, gloo on CPU); `grpc` where asked."""
-    return TransportKind.GRPC if config.transport == "grpc" else TransportKind.TORCH
+    return TransportKind.GRPC if config.kv_transfer.transport == "grpc" else TransportKind.TORCH
 
 
 def _layout(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int):

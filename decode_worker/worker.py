@@ -77,7 +77,7 @@ class DecodeWorker(EngineWorker):
         if not self.engine.can_reserve(len(prompt_token_ids) + 1):
             return None
         ids = tuple(self.engine.reserve(prompt_token_ids, params, request_id))
-        timeout = self.config.transfer_timeout_s
+        timeout = self.config.kv_transfer.timeout_s
         lease = Lease(request_id, transfer_id, ids, time.monotonic() + timeout)
         self.receiver.expect(transfer_id, list(ids), timeout)
         if self.tp_size > 1:
@@ -166,7 +166,7 @@ class DecodeWorker(EngineWorker):
         for lease in [x for x in self.leases.values() if x.done_ranks == self.tp_size and now > x.deadline]:
             self._drop(lease)
             self.fail(lease.request_id, ErrorCode.UNAVAILABLE.grpc_name,
-                      f"no first token within the lease ({self.config.transfer_timeout_s:.0f}s)")
+                      f"no first token within the lease ({self.config.kv_transfer.timeout_s:.0f}s)")
 
     def _drop(self, lease: Lease) -> None:
         self._forget(lease)

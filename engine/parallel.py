@@ -12,14 +12,12 @@ from pdserve.kernels import gemm, norm, ops, peer_gather
 
 log = logging.getLogger(__name__)
 
-# Messages up to this size take the one-shot path. Inside a CUDA graph on 2 x H200 (NVLink), per all-reduce:
-# 8 KiB 6.5 µs against NCCL's 10.7, 512 KiB 10.8 against 14.2, 2 MiB 21.6 against 31.2, but 8 MiB 63 against
-# 49 (`python -m pdserve.bench.all_reduce`). Decode steps up to B=256 at hidden 4096 in bf16 (2 MiB) fit.
+# Messages up to this size take the one-shot path, which beats NCCL up to a few MiB and loses past it
+# (docs/benchmarks.md, "Figures behind defaults"). Decode steps up to B=256 at hidden 4096 in bf16 (2 MiB) fit.
 SYMMETRIC_MAX_BYTES = 4 << 20
 # The fused all-reduce + add + RMSNorm sends rows with a flag in every 8-byte word up to this many bytes of
-# rows, then plain rows and a flag per program (kernels/norm.py). 2 x H200, µs per call in a graph, rows of
-# 4096 bf16 (`python -m pdserve.bench.all_reduce`): LL / plain 4.2 / 5.3 (1 row), 6.0 / 6.3 (32), 8.5 / 8.2
-# (64), 19.7 / 14.7 (256).
+# rows, then plain rows and a flag per program (kernels/norm.py): where each of the two is the faster
+# (docs/benchmarks.md, "Figures behind defaults").
 LL_MAX_BYTES = 256 << 10
 # The LM head's logits gathered onto rank 0 through peer memory, up to this many bytes per rank (B=256 of
 # Llama-3's vocabulary split in two, in bf16: 32 MiB); by this many programs (two flags each per rank).

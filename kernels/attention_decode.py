@@ -74,8 +74,8 @@ def paged_decode_attention_ref(
 # Each slice writes an fp32 partial output and its log-sum-exp; a second kernel merges the slices. With one
 # split the program writes the output itself: no partials, no merge launch (B >= 64 at 8 kv heads on 132 SMs).
 # NOTE: merging inside the split kernel (the last slice of each (sequence, kv head) to arrive, found by an
-# atomic counter) measured slower than the merge launch: one program then merges serially after all others
-# finished (docs/benchmarks.md, Rejected).
+# atomic counter) is not done: one program would then merge serially after all others finished
+# (docs/history.md, Rejected).
 # NOTE: DOT_FP32 is for the CPU interpreter, which keeps bf16 as raw uint16 bits and would multiply those;
 # it is False on GPU, where the dots take the cache dtype (tensor cores).
 

@@ -59,9 +59,8 @@ def paged_prefill_attention_ref(
 # + s + 1); a program finds its sequence by binary search, and a grid of T // BLOCK_M + S + 1 covers all.
 # NOTE: DOT_FP32 as in attention_decode (interpreter only).
 
-# Best of the H200 sweeps at 8x2048 and 1x16384 but for 64/64/4 warps/3 stages at 8x2048 (1-3% faster there,
-# 10-12% slower at 1x16384); see docs/benchmarks.md (Kernels). Its ~225 KiB of shared memory is Hopper's
-# limit: GPUs with less get 64-key tiles (~130 KiB; 4-9% slower on the H200).
+# The best of the H200 sweeps over both prefill shapes (docs/benchmarks.md, Kernels). Its ~225 KiB of shared
+# memory is Hopper's limit: GPUs with less get 64-key tiles (~130 KiB).
 PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 SMALL_SMEM_CONFIG = {**PREFILL_CONFIG, "BLOCK_N": 64}
 PREFILL_CONFIG_SMEM = 225 << 10  # bytes of shared memory PREFILL_CONFIG takes (head_dim 128, 16-bit)

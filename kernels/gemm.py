@@ -1,17 +1,15 @@
 """Skinny GEMM for decode steps: y = x @ w.T with few rows (a batch of single tokens) and a large weight.
 
 At decode sizes the work is reading the weight once; cuBLAS leaves some of the narrower per-rank shapes of
-a tensor-parallel model well below the copy bandwidth (on an H200, the TP=2 Llama-3-8B qkv projection of
-64 rows runs at ~2.4 TB/s). This kernel spreads the weight over more programs: each takes BN output
-columns and 1/SPLIT of K, and with SPLIT > 1 the last program to finish a column tile sums the tile's
-fp32 partials in split order, so the result is deterministic. Which shapes take it, and how, is a table
-measured per device kind (`SKINNY_CONFIGS`, `python -m pdserve.bench.gemm`); every other shape stays on
-cuBLAS.
+a tensor-parallel model well below the copy bandwidth (docs/benchmarks.md). This kernel spreads the weight
+over more programs: each takes BN output columns and 1/SPLIT of K, and with SPLIT > 1 the last program to
+finish a column tile sums the tile's fp32 partials in split order, so the result is deterministic. Which
+shapes take it, and how, is a table measured per device kind (`SKINNY_CONFIGS`, `python tools/gemm.py`);
+every other shape stays on cuBLAS.
 
 On Hopper and later the kernel is launched as a programmatic dependent launch (PDL): its programs start
 while the kernel before it in the stream finishes its last wave, and wait (`gdc_wait`) before they touch
-memory, so a short GEMM's launch overlaps its predecessor instead of following it (0.2-0.8 µs a call on
-an H200, docs/benchmarks.md).
+memory, so a short GEMM's launch overlaps its predecessor instead of following it (docs/benchmarks.md).
 
 Two epilogues ride on the same kernel: SiLU-and-mul for a merged [gate; up] weight (each program takes
 matching gate and up rows and stores silu(gate) * up: `skinny_linear_silu_and_mul_triton`), and, for a
@@ -51,12 +49,10 @@ class SkinnyConfig:
 
 
 # (device capability, N, K) -> config, for bf16/fp16 x with up to MAX_ROWS rows; measured with
-# `python -m pdserve.bench.gemm` (docs/benchmarks.md). Shapes absent here run on cuBLAS.
+# `python tools/gemm.py` (docs/benchmarks.md, "Figures behind defaults"). Shapes absent here run on cuBLAS.
 SKINNY_CONFIGS: dict[tuple[tuple[int, int], int, int], SkinnyConfig] = {
-    # H100/H200 (sm90), measured on an H200 with PDL launches, µs cuBLAS -> skinny at 64 rows: Llama-3-8B's
-    # qkv at TP=1 15.9 -> 15.4, o at TP=1 12.4 -> 11.6 and at TP=2 7.5 -> 7.0, gate/up at TP=1 63.9 -> 61.0
-    # and at TP=2 33.2 -> 30.0. cuBLAS stays for qkv at TP=2 and down at both (within 3% at 64 rows, or
-    # faster at 1 row).
+    # H100/H200 (sm90), measured on an H200 with PDL launches: Llama-3-8B's qkv and o at TP=1, o at TP=2,
+    # gate/up at both; cuBLAS keeps the shapes where it was as fast.
     ((9, 0), 6144, 4096): SkinnyConfig(64, 128, 1, 4, 6),
     ((9, 0), 4096, 4096): SkinnyConfig(32, 128, 1, 4, 6),
     ((9, 0), 28672, 4096): SkinnyConfig(128, 128, 1, 4, 4),

@@ -1,6 +1,6 @@
 """KV transfer between prefill and decode ranks: layout handshake, torch.distributed and gRPC transports,
 resharding between TP sizes. See docs/kv_transfer.md."""
-from pdserve.kv_transfer.layout import KVLayout, check_match, heads_of_rank
+from pdserve.kv_transfer.layout import KVLayout, SendSlice, check_match, heads_of_rank, plan_sends
 from pdserve.kv_transfer.messages import (
     Destination,
     Endpoint,
@@ -10,7 +10,6 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
-from pdserve.kv_transfer.plan import SendSlice, plan_sends
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.kv_transfer.sender import KVSender
 

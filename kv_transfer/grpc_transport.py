@@ -21,6 +21,7 @@ from pdserve.errors import TransferError
 from pdserve.kv_transfer.layout import KVLayout, check_match
 from pdserve.kv_transfer.messages import Endpoint, MessagePart, TransferConfig, TransferHeader, TransportKind
 from pdserve.kv_transfer.staging import StagingPool
+from pdserve.kv_transfer.transport import Ingest, Link
 
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -33,7 +34,7 @@ def layout_from_msg(msg: pb.KVLayout) -> KVLayout:
     return KVLayout.from_dict({name: getattr(msg, name) for name in KVLayout.__dataclass_fields__})
 
 
-class GrpcIngest(pb_grpc.KVIngestServicer):
+class GrpcIngest(pb_grpc.KVIngestServicer, Ingest):
     """The KV-ingest service of one receiving rank."""
 
     def __init__(self, receiver, host: str):
@@ -121,7 +122,7 @@ class GrpcIngest(pb_grpc.KVIngestServicer):
         self._server.stop(grace=None)
 
 
-class GrpcLink:
+class GrpcLink(Link):
     """Sending rank's end of one pair: a channel to the receiver's KV-ingest service."""
 
     def __init__(self, host: str, port: int, device: torch.device, config: TransferConfig):

@@ -205,9 +205,9 @@ class TransferConfig:
     idle_timeout_s: float = 60.0  # a sender closes a pair unused this long; a receiver gives up at twice it
     # Two buffers: one is gathered (or scattered) while the other is on the wire.
     staging_buffers: int = 2
-    # Also the largest message. Large messages amortize each NCCL operation's fixed cost (~60 µs of a
-    # 256 MiB message on NVLink); the taper below keeps the copies that cannot overlap a send (first gather,
-    # last scatter) small all the same. 2 x 512 MiB measured best of 1 GiB of staging (docs/benchmarks.md).
+    # Also the largest message. Large messages amortize each NCCL operation's fixed cost; the taper below
+    # keeps the copies that cannot overlap a send (first gather, last scatter) small all the same. The
+    # default is the best split of 1 GiB of staging measured (docs/benchmarks.md, "Figures behind defaults").
     staging_bytes: int = 512 << 20
     # First and last messages taper down to about this size (0: every message as large as staging); see
     # message_plan. Ignored by gRPC, whose messages are not pipelined.
@@ -221,20 +221,18 @@ class TransferConfig:
     # one host launch per side instead of one per gather, send, receive and scatter.
     cuda_graphs: bool = False
     # CUDA: gathers and scatters run on this fraction of the GPU's SMs (a bounded grid, each program looping
-    # over its blocks), leaving the rest to the NCCL kernels they overlap with. On all SMs a copy holds up the
-    # send or receive beside it: 4k tokens over NVLink with every copy overlapped ran at 0.83 of one raw send
-    # on all SMs, 0.90 on half (docs/benchmarks.md). A copy on half an H200 still runs ~9x faster than the
-    # wire. 1.0: one program per block and layer.
+    # over its blocks), leaving the rest to the NCCL kernels they overlap with: on all SMs a copy holds up the
+    # send or receive beside it, while on half of them it still outruns the wire (docs/benchmarks.md). 1.0:
+    # one program per block and layer.
     copy_sm_fraction: float = 0.5
     # NCCL: how the receiving thread waits for an expected transfer's header. True: it spins a CPU core in the
     # driver until the header lands (wakes within microseconds; a core per connected pair, and only while a
     # transfer is expected and not yet announced). False: it sleeps until the GPU signals (no CPU used
-    # however late the sender starts; the wake-up measured 0.2-0.6 ms on an H200 host, on the critical path).
+    # however late the sender starts; the wake-up then lies on the critical path: docs/benchmarks.md).
     spin_for_header: bool = True
     # Sender: for this long after its last transfer was queued or finished, a pair's thread polls for the
-    # next one (and for the layers of the current one) instead of sleeping on a condition, whose wake-up took
-    # 18 µs median and ~0.2 ms at p90 on an H200 host, ahead of the first byte. Polls yield the GIL every
-    # turn. 0: always sleep.
+    # next one (and for the layers of the current one) instead of sleeping on a condition, whose wake-up lies
+    # ahead of the first byte (docs/benchmarks.md). Polls yield the GIL every turn. 0: always sleep.
     sender_spin_s: float = 0.02
     # Sender: when a pair's thread takes up a transfer, it polls this long for the first message's layers to
     # be saved. Saved by then: their gather is launched before the header is posted (the KV was there at

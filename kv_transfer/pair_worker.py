@@ -12,17 +12,10 @@ import torch
 from pdserve.errors import TransferError
 from pdserve.kernels import ops
 from pdserve.kv_transfer.graphs import capture
+from pdserve.kv_transfer.layout import SendSlice, message_shape
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
-from pdserve.kv_transfer.plan import SendSlice, message_shape
 from pdserve.kv_transfer.staging import device_index
-
-
-def open_link(endpoint: Endpoint, device: torch.device, config):
-    if endpoint.kind is TransportKind.TORCH:
-        from pdserve.kv_transfer.torch_dist import TorchDistLink
-        return TorchDistLink(endpoint.host, endpoint.port, device, config)
-    from pdserve.kv_transfer.grpc_transport import GrpcLink
-    return GrpcLink(endpoint.host, endpoint.port, device, config)
+from pdserve.kv_transfer.transport import Link, open_link
 
 
 class PairWorker:
@@ -35,7 +28,7 @@ class PairWorker:
         self._queue: collections.deque = collections.deque()  # (Outgoing, SendSlice)
         self._cond = threading.Condition()
         self._stopping = False
-        self._link = None
+        self._link: Link | None = None
         self._spin_until = 0.0  # monotonic: poll for the current transfer's layers until then
         # CUDA: pinned host buffer of header + block ids, and the event after its last copy (see _stage_ids)
         self._ids_host: torch.Tensor | None = None
@@ -111,7 +104,7 @@ class PairWorker:
             link = self._ensure_link(out.transfer_id, out.deadline)
             tr.mark("link ready")
             num_bytes, done = self._post(out, part, link)
-            if not getattr(link, "check_after_posting", False):
+            if not link.check_after_posting:
                 break
             is_open = attempt or link.is_open()
             tr.mark("receiver-closed check (store round trip)")
@@ -122,7 +115,7 @@ class PairWorker:
         tr.mark("every send completed (host saw it)")
         return num_bytes
 
-    def _post(self, out, part: SendSlice, link) -> tuple[int, torch.cuda.Event | None]:
+    def _post(self, out, part: SendSlice, link: Link) -> tuple[int, torch.cuda.Event | None]:
         """Gather each message into staging and post its send; returns the bytes posted, and (a transfer
         launched from a CUDA graph) the event after its last send, which flush waits for.
 
@@ -143,7 +136,7 @@ class PairWorker:
         # to the GPU before the header is posted, and the first byte moves that much sooner. Otherwise the
         # header goes now, so the receiver has posted its receives by the time the KV is there. With CUDA
         # graphs on, all of it saved in that time: the whole transfer goes from a graph.
-        graphs_on = sender.config.cuda_graphs and getattr(link, "graphs", None) is not None
+        graphs_on = sender.config.cuda_graphs and link.graphs is not None
         poll_s = sender.config.kv_first_poll_s
         graph = graphs_on and out.poll_layers(layout.num_layers, poll_s)  # (polled already if graphs are on)
         kv_first = graph or out.poll_layers(plan[0].layers[1], 0.0 if graphs_on else poll_s)
@@ -158,7 +151,7 @@ class PairWorker:
             link.begin(header, out.deadline, header_dev)
             tr.mark("header posted")
         # device: sends complete on the link's stream (NCCL), not on this one
-        done_stream = getattr(link, "completion_stream", None)
+        done_stream = link.completion_stream
         num_bytes, waited = 0, 0
         for k, msg in enumerate(plan):
             out.wait_layers(waited, msg.layers[1], out.deadline, self._spin_until)
@@ -183,7 +176,7 @@ class PairWorker:
             num_bytes += payload.nbytes
         return num_bytes, None
 
-    def _post_graph(self, out, header: TransferHeader, plan, local_heads, link, header_dev,
+    def _post_graph(self, out, header: TransferHeader, plan, local_heads, link: Link, header_dev,
                     index) -> tuple[int, torch.cuda.Event]:
         """The whole transfer, header first, from one CUDA graph (graphs.py) of this plan, captured on first
         use. It reads the header and block ids from this worker's device buffer (refilled just before, on this
@@ -227,7 +220,7 @@ class PairWorker:
                 sender.staging.release(buf, done)
         return sum(math.prod(shape) for shape in shapes) * layout.torch_dtype.itemsize, done
 
-    def _begin_beside(self, link, header: TransferHeader, deadline: float, header_dev) -> None:
+    def _begin_beside(self, link: Link, header: TransferHeader, deadline: float, header_dev) -> None:
         """Post the header after the first gather was launched, without waiting for that gather (CUDA)."""
         if self._header_stream is None:
             link.begin(header, deadline, header_dev)
@@ -268,9 +261,9 @@ class PairWorker:
         self._ids_copied.record()
         return staged[:HEADER_LEN], staged[HEADER_LEN:]
 
-    def _ensure_link(self, transfer_id: int, deadline: float):
+    def _ensure_link(self, transfer_id: int, deadline: float) -> Link:
         link = self._link
-        if link is not None and not getattr(link, "check_after_posting", False) and not link.is_open():
+        if link is not None and not link.check_after_posting and not link.is_open():
             self._drop_link(graceful=False)  # the receiver tore the pair down: rebuild it
         if self._link is None:
             link = open_link(self.endpoint, self.sender.kv_cache.device, self.sender.config)

@@ -10,9 +10,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import block_copy, ops
-from pdserve.kv_transfer.incoming import Incoming
 from pdserve.kv_transfer.layout import KVLayout
-from pdserve.kv_transfer.ledger import FINISHED_KEPT, TransferLedger
 from pdserve.kv_transfer.messages import (
     MessagePart,
     TransferConfig,
@@ -22,8 +20,10 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
     TransportKind,
 )
+from pdserve.kv_transfer.records import FINISHED_KEPT, Incoming, TransferLedger
 from pdserve.kv_transfer.staging import StagingPool, copy_programs, device_index, pinned_index
 from pdserve.kv_transfer.trace import NO_TRACE, Trace, start_trace
+from pdserve.kv_transfer.transport import open_ingest
 
 ReleaseBlocks = Callable[[list[int]], None]
 
@@ -55,7 +55,7 @@ class KVReceiver:
         self._traced = 0  # traced transfers expected and not finished (pairs then trace their headers)
         # where the pairs' header traces record events: the last traced transfer's (None: host stamps only)
         self._trace_device = None if self.config.trace == "host" else kv_cache.device
-        self._ingest = _make_ingest(transport, self, host)
+        self._ingest = open_ingest(transport, self, host)
         self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -286,11 +286,3 @@ class KVReceiver:
                 else:
                     with self._lock:
                         self._quarantine.append(inc)
-
-
-def _make_ingest(kind: TransportKind, receiver: KVReceiver, host: str):
-    if kind is TransportKind.TORCH:
-        from pdserve.kv_transfer.torch_ingest import TorchDistIngest
-        return TorchDistIngest(receiver, host)
-    from pdserve.kv_transfer.grpc_transport import GrpcIngest
-    return GrpcIngest(receiver, host)

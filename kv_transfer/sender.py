@@ -10,8 +10,7 @@ import torch
 
 from pdserve.errors import TransferError
 from pdserve.kernels import block_copy
-from pdserve.kv_transfer.layout import KVLayout
-from pdserve.kv_transfer.ledger import TransferLedger
+from pdserve.kv_transfer.layout import KVLayout, plan_sends
 from pdserve.kv_transfer.messages import (
     Destination,
     TransferConfig,
@@ -20,7 +19,7 @@ from pdserve.kv_transfer.messages import (
     TransferStats,
 )
 from pdserve.kv_transfer.pair_worker import PairWorker
-from pdserve.kv_transfer.plan import plan_sends
+from pdserve.kv_transfer.records import TransferLedger
 from pdserve.kv_transfer.staging import StagingPool, copy_programs
 from pdserve.kv_transfer.trace import NO_TRACE, start_trace
 

@@ -25,6 +25,7 @@ from pdserve.kv_transfer.graphs import GraphCache
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import CLOSE_MARKER, HEADER_LEN, MessagePart, TransferConfig, TransferHeader
 from pdserve.kv_transfer.pair_store import Handshake, _td
+from pdserve.kv_transfer.transport import Link
 
 SENDER, RECEIVER = 0, 1
 
@@ -138,7 +139,7 @@ def recv_header(pg: dist.ProcessGroup, device: torch.device, deadline: float) ->
     return header.tolist()
 
 
-class TorchDistLink:
+class TorchDistLink(Link):
     """Sending rank's end of one pair: a handshake, then the pair's own group; rebuilt after a teardown."""
 
     def __init__(self, host: str, port: int, device: torch.device, config: TransferConfig):

@@ -35,6 +35,7 @@ from pdserve.kv_transfer.torch_dist import (
     wait_work,
 )
 from pdserve.kv_transfer.trace import NO_TRACE
+from pdserve.kv_transfer.transport import Ingest
 
 # An NCCL pair with no expected transfer re-checks this often whether it was dropped or went idle too long.
 _IDLE_CHECK_S = 0.2
@@ -53,7 +54,7 @@ class _Pair:
     ids_dev: torch.Tensor | None = None
 
 
-class TorchDistIngest:
+class TorchDistIngest(Ingest):
     """Accepts pairs through the store it hosts and drains each pair's messages into the receiver's blocks."""
 
     def __init__(self, receiver, host: str):

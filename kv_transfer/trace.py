@@ -7,11 +7,11 @@ Host stamps are `time.monotonic_ns()` (CLOCK_MONOTONIC: one clock for every proc
 ends of a transfer line up). A mark with `gpu=True` also records a timing CUDA event on a stream (the
 current one unless given): when the GPU reached that point of the stream. After the transfer, timeline()
 turns each event into nanoseconds on the host clock: the trace's anchor event is recorded when the trace
-starts, on an idle stream of its own (so the GPU passes it within a few µs of its host stamp), and an
+starts, on an idle stream of its own (so the GPU passes it right after its host stamp), and an
 event's device time is the anchor's host stamp plus the elapsed GPU time between the two.
 
 A "host" trace (TransferConfig.trace = "host") keeps the host stamps only: no CUDA event at all, so the
-trace costs each stage ~1 µs instead of an event record, and the timeline has no device times.
+trace costs each stage a clock read instead of an event record, and the timeline has no device times.
 
 NOTE: read timeline() only after the transfer ended (its events then completed); an event that has not
 completed is reported without a device time rather than waited for.

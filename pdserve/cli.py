@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from importlib.metadata import entry_points
 
 EXIT_USAGE = 2  # usage and input errors, as argparse
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -225,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(v, argparse.SUPPRESS)
     v.set_defaults(func=_validate)
 
-    from pdserve.bench.serving.cli import add_bench_parser
-
-    add_bench_parser(sub)
+    # Commands that other parts of the distribution add (the serving benchmark's `bench`), declared in
+    # pyproject.toml's entry points: the product imports nothing from the benchmarks.
+    for command in entry_points(group="pdserve.commands"):
+        command.load()(sub)
     return p
 
 

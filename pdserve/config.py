@@ -67,6 +67,34 @@ class RayConfig(_Strict):
     address: str | None = None  # None: start a local cluster; "auto": join the running one
 
 
+class KVTransferConfig(_Strict):
+    """The `kv_transfer:` section: how prefill workers ship KV to decode workers. Every field but `transport`
+    is the field of the same name of `pdserve.kv_transfer.TransferConfig` (the meaning of each is told
+    there), with the same default: the measured best (docs/benchmarks.md)."""
+
+    transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
+    timeout_s: float = Field(30.0, gt=0.0)
+    connect_timeout_s: float = Field(20.0, gt=0.0)
+    idle_timeout_s: float = Field(60.0, gt=0.0)
+    staging_buffers: int = Field(2, ge=1)
+    staging_bytes: int = Field(512 << 20, ge=1)
+    taper_bytes: int = Field(128 << 20, ge=0)
+    grpc_chunk_bytes: int = Field(4 << 20, ge=1)
+    receives_ahead: int = Field(2, ge=1)
+    cuda_graphs: bool = False
+    copy_sm_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    spin_for_header: bool = True
+    sender_spin_s: float = Field(0.02, ge=0.0)
+    kv_first_poll_s: float = Field(0.0002, ge=0.0)
+    trace: bool | Literal["host"] = False
+
+    def transfer_config(self):
+        """This section as the `TransferConfig` that KVSender and KVReceiver take."""
+        from pdserve.kv_transfer import TransferConfig  # imports torch: only where transfers are made
+
+        return TransferConfig(**self.model_dump(exclude={"transport"}))
+
+
 class DeploymentConfig(_Strict):
     """What a user writes in a deployment YAML file; every field has a default."""
 
@@ -93,8 +121,7 @@ class DeploymentConfig(_Strict):
     disaggregated: bool = True
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()
-    transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
-    transfer_timeout_s: float = Field(30.0, gt=0.0)
+    kv_transfer: KVTransferConfig = KVTransferConfig()
     rank_timeout_s: float = Field(60.0, gt=0.0)
     # A request whose decode worker dies is re-prefilled from its prompt and the tokens already streamed
     # and continued on another decode worker, at most this many times (0: it fails with UNAVAILABLE).

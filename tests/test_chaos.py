@@ -24,7 +24,7 @@ def reference(path, prompts):
 
 
 def _config(path, **overrides):
-    return tiny_config(path, transport="gloo", transfer_timeout_s=5.0, rank_timeout_s=20.0,
+    return tiny_config(path, kv_transfer={"transport": "gloo", "timeout_s": 5.0}, rank_timeout_s=20.0,
                        prefill={"count": 2, "tp_size": 1}, decode={"count": 2, "tp_size": 1}, **overrides)
 
 
@@ -74,7 +74,7 @@ def test_killing_a_worker_loses_no_request(path, prompts, reference, role):
 
 
 def test_single_decode_worker_killed_ends_requests_within_5s(path, prompts):
-    with ServerThread(tiny_config(path, transport="gloo", migration_limit=3)) as server:
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo"}, migration_limit=3)) as server:
         runs = _load(server, prompts)
         _wait_streaming(runs, 5)
         [decode] = [w for w in server.router.workers if w.role == "decode"]
@@ -91,7 +91,7 @@ def test_single_decode_worker_killed_ends_requests_within_5s(path, prompts):
 def test_killing_one_tp_rank_takes_its_gang_out_and_loses_no_request(path, prompts, reference):
     """Decode workers are TP gangs of 2: rank 1 of one is killed mid-stream; its gang leaves routing, its
     requests are migrated to the other gang, and the pool starts a new gang."""
-    config = tiny_config(path, transport="gloo", transfer_timeout_s=5.0, rank_timeout_s=20.0,
+    config = tiny_config(path, kv_transfer={"transport": "gloo", "timeout_s": 5.0}, rank_timeout_s=20.0,
                          prefill={"count": 1, "tp_size": 1}, decode={"count": 2, "tp_size": 2})
     with ServerThread(config) as server:
         runs = _load(server, prompts)
@@ -111,7 +111,7 @@ def test_killing_one_tp_rank_takes_its_gang_out_and_loses_no_request(path, promp
 def test_a_full_kv_pool_makes_admission_wait_not_fail(path, prompts, reference):
     """Pools of 16 blocks (two or three sequences' worth): 32 streams wait for leases instead of
     overcommitting, and all complete with their undisturbed tokens."""
-    with ServerThread(tiny_config(path, transport="gloo", num_kv_blocks=16)) as server:
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo"}, num_kv_blocks=16)) as server:
         runs = _load(server, prompts)
         for r in runs:
             r.join(180)

@@ -29,7 +29,7 @@ LIMITS = {"max_prompt_tokens": 200, "max_request_bytes": MAX_REQUEST_BYTES, "req
 @pytest.fixture(scope="module")
 def server(path):
     router = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "api_key": API_KEY}
-    with ServerThread(tiny_config(path, transport="gloo", router=router, limits=LIMITS)) as server:
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo"}, router=router, limits=LIMITS)) as server:
         yield server
 
 

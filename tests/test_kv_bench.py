@@ -1,5 +1,5 @@
 """The KV transfer benchmark's CPU smoke run (gloo between two processes): it measures, verifies the moved
-blocks, traces (host stamps only) and profiles, and writes what it says it writes."""
+blocks, sweeps a staging configuration, and writes what it says it writes. Its traced run: tools/tests."""
 import json
 
 import pytest
@@ -20,13 +20,9 @@ def test_trace_modes():
 @pytest.mark.timeout(240)
 def test_cpu_smoke_run(tmp_path):
     kv_transfer.main(["--device", "cpu", "--sizes", "256", "--iters", "2", "--warmup", "1", "--skip-grpc",
-                      "--prefill-lead-ms", "0", "--trace", "host", "--profile", "--sweep", "2x1/0@1",
-                      "--out", str(tmp_path)])
+                      "--prefill-lead-ms", "0", "--sweep", "2x1/0@1", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "kv_transfer.json").read_text())
     assert record["complete"] and record["copy_sm_fraction"] == 0.5
     (row,) = record["rows"]
-    assert row["tokens"] == 256 and row["torch_GBps"] > 0 and row["trace"]["timeline"]
+    assert row["tokens"] == 256 and row["torch_GBps"] > 0
     assert [r["staging"] for r in record["sweep"]] == ["2x1/0@1+spin"]
-    for side in ("sender", "receiver"):
-        profile = json.loads((tmp_path / f"kv_profile_{side}_256.json").read_text())
-        assert any(e.get("name") == "gloo:send" or e.get("name") == "gloo:recv" for e in profile["traceEvents"])

@@ -18,8 +18,8 @@ from pdserve.kv_transfer import (
     heads_of_rank,
     plan_sends,
 )
+from pdserve.kv_transfer.layout import message_shape
 from pdserve.kv_transfer.messages import TransferHeader, message_plan
-from pdserve.kv_transfer.plan import message_shape
 
 
 def make_layout(tp_size=1, tp_rank=0, num_kv_heads=4, **overrides) -> KVLayout:

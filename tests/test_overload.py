@@ -29,7 +29,7 @@ RSS_GROWTH_BYTES = 200 << 20
 @pytest.fixture(scope="module")
 def server(path):
     limits = {"max_concurrent_requests": MAX_CONCURRENT, "max_queued_requests": MAX_QUEUED}
-    with ServerThread(tiny_config(path, transport="gloo", limits=limits)) as server:
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo"}, limits=limits)) as server:
         yield server
 
 

@@ -22,7 +22,7 @@ def test_pools_land_on_the_nodes_the_yaml_asks_for(path, prompts, expected):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"prefill_node": 1}})
     decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 1})
     try:
-        config = tiny_config(path, transport="gloo", ray={"address": cluster.address},
+        config = tiny_config(path, kv_transfer={"transport": "gloo"}, ray={"address": cluster.address},
                              prefill={"count": 1, "tp_size": 1, "resources": {"prefill_node": 0.5}},
                              decode={"count": 1, "tp_size": 1, "resources": {"decode_node": 0.5}})
         with ServerThread(config) as server:
@@ -62,7 +62,8 @@ def test_serve_answers_then_sigterm_drains_and_exits(tmp_path, path, prompts, ex
     load finishes or fails (UNAVAILABLE) every in-flight request, exits 0 within 30 s, leaves no Ray
     process behind."""
     yaml = tmp_path / "tiny.yaml"
-    yaml.write_text(f"model: {path}\ndevice: cpu\ndtype: float32\ntransport: gloo\nmax_num_batched_tokens: 32\nmax_num_seqs: 16\n"
+    yaml.write_text(f"model: {path}\ndevice: cpu\ndtype: float32\nkv_transfer: {{transport: gloo}}\n"
+                    "max_num_batched_tokens: 32\nmax_num_seqs: 16\n"
                     "router: {host: 127.0.0.1, grpc_port: 0, http_port: 0}\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "-c", str(yaml)], stdout=subprocess.PIPE,

@@ -15,11 +15,13 @@ from pdserve.router.client import RemoteError
 
 
 @pytest.mark.parametrize("overrides", [
-    {"transport": "grpc"},
+    {"kv_transfer": {"transport": "grpc"}},
     {"disaggregated": False},
     {"api_key": "secret"},
-    {"transport": "gloo", "prefill": {"count": 1, "tp_size": 1}, "decode": {"count": 1, "tp_size": 2}},
-    {"transport": "grpc", "prefill": {"count": 1, "tp_size": 2}, "decode": {"count": 1, "tp_size": 1}},
+    {"kv_transfer": {"transport": "gloo"},
+     "prefill": {"count": 1, "tp_size": 1}, "decode": {"count": 1, "tp_size": 2}},
+    {"kv_transfer": {"transport": "grpc"},
+     "prefill": {"count": 1, "tp_size": 2}, "decode": {"count": 1, "tp_size": 1}},
 ], ids=["grpc-transport", "colocated", "api-key", "prefill-tp1-decode-tp2", "prefill-tp2-decode-tp1"])
 def test_other_deployments_equal_transformers(path, prompts, expected, overrides):
     api_key = overrides.pop("api_key", None)
@@ -39,9 +41,9 @@ def test_other_deployments_equal_transformers(path, prompts, expected, overrides
 
 def test_lease_expires_when_prefill_never_sends(path, prompts):
     """The prefill worker is stopped (SIGSTOP) before it can send: the decode lease expires, the request ends
-    UNAVAILABLE within transfer_timeout_s + 2 s, and the decode worker's blocks come back."""
+    UNAVAILABLE within kv_transfer.timeout_s + 2 s, and the decode worker's blocks come back."""
     timeout = 3.0
-    with ServerThread(tiny_config(path, transport="gloo", transfer_timeout_s=timeout)) as server:
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo", "timeout_s": timeout})) as server:
         [prefill] = [w for w in server.router.workers if w.role == "prefill"]
         os.kill(prefill.info.pid, signal.SIGSTOP)
         try:

@@ -1,8 +1,8 @@
 """Decode GEMMs: cuBLAS against the skinny kernel (kernels/gemm.py), in CUDA graphs, per weight shape.
 
-    python -m pdserve.bench.gemm [--shapes tp1,tp2] [--layers 32] [--out DIR]
-    python -m pdserve.bench.gemm --push [--out DIR]     # the row-parallel GEMMs that push their rows
-    python -m pdserve.bench.gemm --gated [--out DIR]    # gate/up with SiLU-and-mul in its epilogue, or not
+    python tools/gemm.py [--shapes tp1,tp2] [--layers 32] [--out DIR]
+    python tools/gemm.py --push [--out DIR]     # the row-parallel GEMMs that push their rows
+    python tools/gemm.py --gated [--out DIR]    # gate/up with SiLU-and-mul in its epilogue, or not
 
 The shapes are Llama-3-8B's projections as one rank holds them at TP=1 and TP=2 ([N, K] weights, bf16).
 Each candidate config is timed at 64 rows in a graph over enough weight copies that nothing stays in L2
@@ -231,7 +231,7 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="projections to time (qkv,o,gate_up,down; default all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("pdserve.bench.gemm needs a CUDA GPU", file=sys.stderr)
+        print("tools/gemm.py needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.gated:
         fused = gated()

@@ -3,7 +3,7 @@ and inside a CUDA graph, at the message sizes of a decode step; and the all-redu
 add + RMSNorm after it (one kernel, rows sent each way: LL and plain + flags) against the one-shot
 all-reduce followed by the add + RMSNorm kernel.
 
-    python -m pdserve.bench.all_reduce [--sizes 8K,128K,512K,2M,8M] [--out DIR]
+    python tools/all_reduce.py [--sizes 8K,128K,512K,2M,8M] [--out DIR]
 
 Two processes, one GPU each (as in a TP gang), bf16 messages. Before timing, each path's result is
 compared with the correctly rounded sum of both ranks' inputs (each rank can rebuild the other's from
@@ -165,7 +165,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="folder for all_reduce.json")
     args = ap.parse_args()
     if torch.cuda.device_count() < WORLD:
-        print(f"pdserve.bench.all_reduce needs {WORLD} CUDA GPUs", file=sys.stderr)
+        print(f"tools/all_reduce.py needs {WORLD} CUDA GPUs", file=sys.stderr)
         return 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,7 @@
 """Host work of one decode step, without a model: turning the scheduler's plan into the step's tensors
 (`StepBatch.build`) and packing them for upload and for a TP gang's peers (`pack`).
 
-    python -m pdserve.bench.host [--cases 64x1024,256x1024,256x4096] [--iters 50]
+    python tools/host.py [--cases 64x1024,256x1024,256x4096] [--iters 50]
 
 Each case is B running sequences of the given context, one new token each, block_size 16, block tables
 at random block ids; median milliseconds over --iters calls, after warm-up. The GPU waits for this

@@ -12,7 +12,7 @@ enqueueing the transfer. With copies, the receiver's destination blocks are chec
 blocks after each row. `--graph`: each row also captured once per side in a CUDA graph (ProcessGroupNCCL's
 sends and receives included) and replayed.
 
-    python -m pdserve.bench.kv_pipeline [--plans 32,8/18/6,...] [--sm-fractions 0.25,0.5,0.75] [--graph] [--out DIR]
+    python tools/kv_pipeline.py [--plans 32,8/18/6,...] [--sm-fractions 0.25,0.5,0.75] [--graph] [--out DIR]
 """
 from __future__ import annotations
 
