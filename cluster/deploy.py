@@ -78,7 +78,7 @@ class Deployment:
 
     def _create(self, role: str, pool: PoolConfig, index: int):
         name = f"{role}-{index}"
-        gpus = 1 if wants_cuda(self.config) else 0
+        gpus = (pool.num_gpus or 1) if wants_cuda(self.config) else 0
         bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {}), **pool.resources}
         pg = placement_group([bundle] * pool.tp_size, strategy="STRICT_PACK")
         self.groups.append(pg)

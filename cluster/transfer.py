@@ -21,6 +21,12 @@ def make_transfer_config(config: DeploymentConfig) -> TransferConfig:
                                **{k: v for k, v in cpu.items() if k not in section.model_fields_set})
 
 
-def transport_kind(config: DeploymentConfig) -> TransportKind:
-    """`auto`: torch.distributed (NCCL between GPUs, gloo on CPU); `grpc` where asked."""
-    return TransportKind.GRPC if config.kv_transfer.transport == "grpc" else TransportKind.TORCH
+def transport_kinds(config: DeploymentConfig) -> tuple[TransportKind, ...]:
+    """What a receiving rank listens on, in order of preference; each sender takes the first it reaches
+    (kv_transfer.place.choose, at the handshake). `auto` on CUDA: IPC, then NCCL; on CPU: gloo."""
+    transport = config.kv_transfer.transport
+    if transport == "grpc":
+        return (TransportKind.GRPC,)
+    if transport == "ipc" or (transport == "auto" and wants_cuda(config)):
+        return (TransportKind.IPC, TransportKind.TORCH) if transport == "auto" else (TransportKind.IPC,)
+    return (TransportKind.TORCH,)
