@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 # through --system-site-packages.
 TORCH_PIN ?= 2.13.0
 SYSTEM_TORCH := $(shell $(PY) -c "import sys, torch; assert sys.prefix == sys.base_prefix" 2>/dev/null && echo yes)
-PROMPT ?= What is the capital of France?
 
 $(VENV)/.installed: pyproject.toml
 	@if [ "$(SYSTEM_TORCH)" = yes ]; then \
@@ -23,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/pdserve generate --chat "$(PROMPT)"
+	$(BIN)/pdserve serve
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

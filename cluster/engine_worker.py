@@ -12,12 +12,13 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
 import ray
 
+from pdserve.cluster.kv_rank import PeerTransfers
+from pdserve.cluster.tp_rank import TPRank
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.errors import PdserveError, WorkerFailedError
@@ -34,9 +35,13 @@ class EngineWorker:
 
     role = "worker"
 
-    def __init__(self, config: dict, name: str):
+    def __init__(self, config: dict, name: str, tp_size: int = 1):
         self.config = DeploymentConfig.model_validate(config)
-        self.name = name
+        self.name, self.tp_size = name, tp_size
+        # Under TP this actor is rank 0 of the gang (the scheduler, the sampler, the loop); ranks > 0 are
+        # ServingRank actors that run its steps and move their own kv heads.
+        self.rank0 = TPRank(config, 0, tp_size) if tp_size > 1 else None
+        self.peers: PeerTransfers | None = None
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -49,9 +54,21 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def load(self) -> WorkerInfo:
-        """Build the engine (and the role's transfer ends), start the loop; bounded by the caller."""
-        self.engine = LLMEngine(self.config)
+    def host_store(self) -> tuple[str, int]:
+        return self.rank0.host_store()
+
+    def join(self, host: str, port: int) -> None:
+        self.rank0.join(host, port)
+
+    def load(self, peers: list | None = None) -> WorkerInfo:
+        """Build the engine (and the role's transfer ends), start the loop; bounded by the caller. `peers`:
+        the gang's ranks > 0 (loading alongside, each with its own transfer end)."""
+        if self.rank0 is None:
+            self.engine = LLMEngine(self.config)
+        else:
+            self.rank0.load()
+            self.engine = self.rank0.engine
+            self.peers = PeerTransfers(peers or [])
         self.setup()
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
@@ -61,12 +78,22 @@ class EngineWorker:
     def setup(self) -> None:
         """Role hook: create the transfer end, attach connectors to the engine."""
 
+    def publish(self, command: int, message) -> None:
+        """Rank 0: tell the other ranks, in order with the steps (KV_EXPECT, KV_SEND)."""
+        self.engine.channel.publish(command, message, self.config.rank_timeout_s)
+
+    def peer_results(self) -> list[tuple[int, bool, str | None]]:
+        return self.peers.poll() if self.peers is not None else []
+
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.teardown()
+        if self.engine is not None:
+            self.teardown()
+        if self.rank0 is not None:
+            self.rank0.shutdown()  # the other ranks leave their step loops and the group too
 
     def teardown(self) -> None:
         """Role hook: close the transfer end."""
@@ -167,9 +194,9 @@ class EngineWorker:
             out.logprobs += logprobs
             out.finish_reason = finish_reason
 
-    def fail(self, request_id: str, code: str, message: str) -> None:
+    def fail(self, request_id: str, code: str, message: str, retry: bool = False) -> None:
         with self._report:
-            self._failures.append(RequestFailure(request_id, code, message))
+            self._failures.append(RequestFailure(request_id, code, message, retry))
             self._report.notify_all()
 
     def transferred(self, request_id: str, ok: bool, num_bytes: int, seconds: float) -> None:
@@ -177,7 +204,3 @@ class EngineWorker:
             self._transfers.append(TransferOutcome(request_id, ok, num_bytes, seconds))
             self._report.notify_all()
 
-
-def wait_until(deadline: float) -> float:
-    """Seconds left until `deadline` (monotonic), at least 0."""
-    return max(0.0, deadline - time.monotonic())

@@ -39,6 +39,7 @@ class Server:
         self.grpc = self.http = None
         self.started_ray = False
         self._stopping = False
+        self._replacing: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.started_ray = connect_ray(self.config, self.verbose) or self.started_ray
@@ -49,7 +50,10 @@ class Server:
             self.metrics = Metrics()
             self.router = Router(self.config, load_model_spec(path), load_tokenizer(path), self.config.model,
                                  workers, self.metrics)
+            self.router.on_worker_died = self._replace_later
             self.router.start()
+            for worker in workers:
+                self._watch_gang(worker)
             r, limits = self.config.router, self.config.limits
             self.grpc = await start_grpc_server(self.router, r.host, r.grpc_port, r.api_key,
                                                 limits.max_request_bytes, limits.max_tokens)
@@ -59,6 +63,43 @@ class Server:
         except BaseException:
             await self.stop(drain_s=0)
             raise
+
+    def _watch_gang(self, worker) -> None:
+        """A TP gang whose other rank dies is dead as a whole: rank 0 is stopped, so the router sees it go."""
+        async def watch():
+            reason = await self.deployment.gangs[worker.name].watch()
+            if not self._stopping and worker.healthy:
+                log.error("%s: %s; stopping the gang", worker.name, reason)
+                ray.kill(worker.actor)
+        self._track(asyncio.ensure_future(watch()))
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    def _replace_later(self, dead) -> None:
+        if self._stopping:
+            return
+        self._track(asyncio.ensure_future(self._replace(dead)))
+
+    async def _replace(self, dead) -> None:
+        """A dead worker's pool starts another in its place; it joins routing once it has loaded."""
+        decode = [w for w in self.router.workers if w.role == "decode" and w.healthy]
+        try:
+            destinations = await asyncio.gather(*[w.actor.destination.remote() for w in decode])
+            worker = await asyncio.to_thread(self.deployment.replace, dead, list(destinations))
+        except Exception as e:  # noqa: BLE001 (the pool stays short; the status page says so)
+            log.error("could not replace %s: %s", dead.name, e)
+            return
+        if worker.role == "decode":
+            dest = await worker.actor.destination.remote()
+            prefill = [w for w in self.router.workers if w.role == "prefill" and w.healthy]
+            await asyncio.gather(*[w.actor.add_destination.remote(dest) for w in prefill], return_exceptions=True)
+        if self._stopping:
+            return
+        self.router.add_worker(worker, replacing=dead)
+        self._watch_gang(worker)
+        log.warning("%s replaced by %s", dead.name, worker.name)
 
     @property
     def grpc_address(self) -> str:
@@ -80,6 +121,8 @@ class Server:
             await self.grpc.stop(grace_s=2.0)
         if self.http is not None:
             await self.http.stop(grace_s=2.0)
+        for task in list(self._replacing):
+            task.cancel()
         if self.router is not None:
             await self.router.stop()
         if self.deployment is not None:

@@ -117,7 +117,10 @@ class LLMEngine:
 
     # --- decode side: reservations (leases) -------------------------------------------------------
     def can_reserve(self, num_tokens: int) -> bool:
-        return self.kv.pool.can_allocate(-(-num_tokens // self.config.block_size))
+        """Blocks for `num_tokens` are free, beyond one block for each sequence already here (running or
+        queued), which may need one more soon: a lease never takes the room running sequences grow into."""
+        headroom = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return self.kv.pool.can_allocate(-(-num_tokens // self.config.block_size) + headroom)
 
     def reserve(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> list[int]:
         """Take blocks for the prompt's KV, to be filled by a transfer; the request waits for its KV (not for
@@ -134,9 +137,8 @@ class LLMEngine:
         req = self.reserved.pop(request_id)
         req.num_computed_tokens = len(req.prompt_token_ids)
         req.append_token(first_token)
-        req.status = RequestStatus.WAITING
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        self.scheduler.add_computed(req)
 
     def drop_reserved(self, request_id: str) -> None:
         """The reservation ends unused (its transfer failed, its lease expired, or it was aborted): its

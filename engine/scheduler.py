@@ -52,6 +52,17 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def add_computed(self, request: Request) -> None:
+        """A request whose prompt's KV is already in its blocks (imported): it joins the running batch now
+        when there is a seat, else the front of the queue — it holds its blocks, so it must not wait behind
+        a request that waits for blocks."""
+        request.status = RequestStatus.RUNNING
+        if len(self.running) < self.max_num_seqs:
+            self.running.append(request)
+        else:
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = csub.add_parser("validate", help="check a deployment YAML; print ok or what is wrong")
     v.add_argument("file")
     v.set_defaults(func=_validate)
+
+    from pdserve.bench.serving.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -118,8 +118,11 @@ class DeploymentConfig(_Strict):
     decode: PoolConfig = PoolConfig()
     kv_transfer: KVTransferConfig = KVTransferConfig()  # read by the serving layer (its workers), which wires it
     rank_timeout_s: float = Field(60.0, gt=0.0)
-    router: RouterConfig = RouterConfig()  # read by the serving layer (router/), which wires it
-    limits: LimitsConfig = LimitsConfig()  # read by the serving layer (router/), which wires it
+    # A request whose decode worker dies is re-prefilled from its prompt and the tokens already streamed
+    # and continued on another decode worker, at most this many times (0: it fails with UNAVAILABLE).
+    migration_limit: int = Field(3, ge=0)
+    router: RouterConfig = RouterConfig()
+    limits: LimitsConfig = LimitsConfig()
     ray: RayConfig = RayConfig()
 
     _block_size_power_of_two = field_validator("block_size")(_power_of_two)

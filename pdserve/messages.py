@@ -59,6 +59,7 @@ class RequestFailure:
     request_id: str
     code: str  # an ErrorCode name
     message: str
+    retry: bool = False  # the router may run the request again elsewhere (a KV transfer failed)
 
 
 @dataclass(frozen=True)

@@ -3,35 +3,56 @@ first token at once, and ships each prompt's KV to the decode blocks the router 
 
 A prompt's blocks outlive its request until its transfer ends, done or failed (a delayed free). The
 transfer starts with the step that completes the prompt, and each layer is marked written as the model
-finishes it, so the KV moves while later layers still compute.
+finishes it, so the KV moves while later layers still compute. Under TP every rank ships its own kv heads
+(rank 0 tells the others through the step channel); the blocks are freed once every rank's part has ended.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 
+import ray
+
 from pdserve.cluster.engine_worker import EngineWorker
-from pdserve.cluster.transfer import make_transfer_config
+from pdserve.cluster.kv_rank import KV_SEND, layer_saver, send_message
+from pdserve.cluster.transfer import make_sender
 from pdserve.engine.request import Request
-from pdserve.errors import ErrorCode, TransferError
-from pdserve.kv_transfer import KVLayout, KVSender, TransferState
+from pdserve.errors import ErrorCode
+from pdserve.kv_transfer import Destination, TransferState
 from pdserve.messages import KVTarget, PrefillTask
+
+
+@dataclasses.dataclass
+class _Send:
+    request_id: str
+    ranks_left: int
+    ok: bool = True
+    error: str | None = None
+    num_bytes: int = 0
+    seconds: float = 0.0
 
 
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
+    def __init__(self, config: dict, name: str, tp_size: int = 1, destinations: list[Destination] = ()):
+        super().__init__(config, name, tp_size)
+        self.destinations = list(destinations)  # every decode gang this worker may ship to (index: KV_SEND)
+
+    def add_destination(self, destination: Destination) -> None:
+        """A new decode gang (a replacement) this worker may ship to; every rank learns it."""
+        self.call(lambda: self.destinations.append(destination))
+        if self.peers is not None:
+            ray.get([p.add_destination.remote(destination) for p in self.peers.peers],
+                    timeout=self.config.rank_timeout_s)
+
     def setup(self) -> None:
         runner = self.engine.runner
-        layout = KVLayout.of_cache(runner.kv_cache, self.config.model, self.engine.spec.num_kv_heads, 1, 0)
-        # Source blocks are freed by the loop when the transfer's result is collected (below), not from the
-        # sender's thread: the engine is the loop's alone.
-        self.sender = KVSender(layout, runner.kv_cache, lambda ids: None, config=make_transfer_config(self.config))
+        self.sender = make_sender(runner.kv_cache, self.config, self.engine.spec.num_kv_heads, self.tp_size, 0)
         self.engine.kv_saver = self
         self.targets: dict[str, KVTarget] = {}  # queued or prefilling
         self.real_params: dict[str, object] = {}
-        self.sending: dict[int, str] = {}  # transfer id -> request id
+        self.sending: dict[int, _Send] = {}  # transfer id -> its request and the ranks still sending
 
     def teardown(self) -> None:
         self.sender.close()
@@ -58,31 +79,40 @@ class PrefillWorker(EngineWorker):
         tids = []
         for req in requests:
             target = self.targets.pop(req.request_id)
-            self.sender.start_send(target.transfer_id, target.destination, list(req.block_table))
-            self.sending[target.transfer_id] = req.request_id
+            blocks = list(req.block_table)
+            self.sender.start_send(target.transfer_id, target.destination, blocks)
+            if self.tp_size > 1:
+                index = self.destinations.index(target.destination)
+                self.publish(KV_SEND, send_message(target.transfer_id, index, blocks))
+            self.sending[target.transfer_id] = _Send(req.request_id, self.tp_size)
             tids.append(target.transfer_id)
-
-        def layer_written(layer: int) -> None:
-            for tid in tids:
-                # one that already failed (its result says why) must not stop the step
-                with contextlib.suppress(TransferError):
-                    self.sender.save_kv_layer(tid, layer)
-        return layer_written
+        return layer_saver(self.sender, tids)
 
     # --- the loop's hooks ------------------------------------------------------------------------
     def busy(self) -> bool:
         return bool(self.sending)
 
     def before_step(self) -> None:
-        for result in self.sender.get_finished():
-            request_id = self.sending.pop(result.transfer_id, None)
-            if request_id is None:
+        ended = [(r.transfer_id, r.state is TransferState.DONE, r.error, r.num_bytes, r.duration_s)
+                 for r in self.sender.get_finished()]
+        ended += [(tid, ok, error, 0, 0.0) for tid, ok, error in self.peer_results()]
+        for tid, ok, error, num_bytes, seconds in ended:
+            send = self.sending.get(tid)
+            if send is None:
                 continue
-            self.engine.release(request_id)
-            ok = result.state is TransferState.DONE
-            self.transferred(request_id, ok, result.num_bytes, result.duration_s)
-            if not ok:
-                self.fail(request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {result.error}")
+            send.ranks_left -= 1
+            send.ok, send.error = send.ok and ok, send.error or error
+            send.num_bytes, send.seconds = send.num_bytes + num_bytes, max(send.seconds, seconds)
+            if send.ranks_left == 0:
+                self._ended(tid, send)
+
+    def _ended(self, tid: int, send: _Send) -> None:
+        del self.sending[tid]
+        self.engine.release(send.request_id)
+        self.transferred(send.request_id, send.ok, send.num_bytes, send.seconds)
+        if not send.ok:
+            self.fail(send.request_id, ErrorCode.UNAVAILABLE.grpc_name, f"KV transfer failed: {send.error}",
+                      retry=True)
 
     def emit(self, outputs) -> None:
         """The first token, finished only if the request itself ends with it (not by the one-token limit
@@ -90,9 +120,7 @@ class PrefillWorker(EngineWorker):
         for o in outputs:
             params = self.real_params.pop(o.request_id, None)
             if o.finish_reason == "length" and params is not None and params.max_tokens > 1:
-                o.finish_reason = None if self._fits_another(o) else "length"
+                held = self.engine.held.get(o.request_id)
+                fits = held is None or held.num_known_tokens < self.engine.max_model_len
+                o.finish_reason = None if fits else "length"
         super().emit(outputs)
-
-    def _fits_another(self, output) -> bool:
-        held = self.engine.held.get(output.request_id)
-        return held is None or held.num_known_tokens < self.engine.max_model_len

@@ -9,6 +9,8 @@ request, and closing the stream (client cancel, disconnect, deadline) aborts it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from pdserve.config import DeploymentConfig
 from pdserve.engine.model_config import ModelSpec
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, ResourceExhaustedError, WorkerFailedError
 from pdserve.messages import KVTarget, PrefillTask, Reservation, TokenOutput, WorkerReport
@@ -24,11 +27,13 @@ from pdserve.router.detokenize import Detokenizer
 from pdserve.router.frontend import GenerateDelta, GenerateInput, ModelInfo, Usage
 from pdserve.router.lifecycle import RequestState, RequestStream, StreamError
 from pdserve.router.policy import LeastQueuedTokens, MostFreeBlocks
+from pdserve.router.validate import check_request, prompt_ids
 from pdserve.router.workers import WorkerHandle, poll_forever
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+PREFILL_RETRIES = 2  # a request whose prefill worker died runs again on another one, this many times
+TRANSFER_RETRIES = 1  # and one whose KV transfer failed
 RESERVE_RETRY_S = 0.02  # while no decode worker has room, how often the lease is asked for again
 
 
@@ -46,6 +51,9 @@ class Router:
         self._transfer_ids = itertools.count(1)
         self._ids = itertools.count()
         self._stopping = asyncio.Event()
+        self.attempts: dict[str, RequestStream] = {}  # by the id the workers know the current attempt by
+        self.on_worker_died = None  # set by the deployment's supervisor: replaces a dead worker
+        self.replacements = 0
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -89,7 +97,8 @@ class Router:
         for role in dict.fromkeys(w.role for w in self.workers):
             pools.append({"role": role, "workers": [_worker_status(w) for w in self.workers if w.role == role]})
         return {"model": self.model_name, "serving": self.is_serving(), "pools": pools,
-                "queued": self.admission.queued, "running": self.admission.running}
+                "queued": self.admission.queued, "running": self.admission.running,
+                "replacements": self.replacements}
 
     async def abort(self, request_id: str) -> bool:
         stream = self.streams.get(request_id)
@@ -99,8 +108,19 @@ class Router:
         return True
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
-        prompt = self._prompt_ids(request)
-        self._check(prompt, request)
+        try:
+            async with contextlib.aclosing(self._generate(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except PdserveError as e:
+            # NOTE: counted here, once, whichever stage refused or failed it (checks, a full queue, a worker)
+            if self.metrics is not None:
+                self.metrics.error(e.code.grpc_name.lower())
+            raise
+
+    async def _generate(self, request: GenerateInput) -> AsyncIterator[GenerateDelta]:
+        prompt = prompt_ids(self.tokenizer, request)
+        check_request(prompt, request, self.config.limits, self.max_model_len, self.spec.vocab_size)
         if self.draining or not self.is_serving():
             raise WorkerFailedError("server is not serving (draining, or a pool has no healthy worker)")
         request_id = request.request_id or f"req-{next(self._ids)}"
@@ -114,9 +134,10 @@ class Router:
                     yield delta
             finally:
                 self.streams.pop(request_id, None)
+                self.attempts.pop(stream.worker_id, None)
                 if not stream.state.done:
                     stream.move(RequestState.ABORTED)
-                    self._spawn(self._abort_everywhere(stream))
+                    self._spawn(self._abort_attempt(stream))
 
     # --- the walk ------------------------------------------------------------------------------
     async def _stream_text(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
@@ -138,44 +159,77 @@ class Router:
                 text += "" if stopped else detok.flush()
                 stream.move(RequestState.FINISHED)
                 if stopped:
-                    self._spawn(self._abort_everywhere(stream))
+                    self._spawn(self._abort_attempt(stream))
                 self._finished(stream, finish, num_out)
                 yield GenerateDelta(text, ids, finish, Usage(len(prompt), num_out), logprobs)
                 return
             yield GenerateDelta(text, ids, None, None, logprobs)
 
     async def _tokens(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
-        """The request's token outputs in order; raises PdserveError when it fails."""
-        timeout = self.config.rank_timeout_s
+        """The request's token outputs in order; raises PdserveError when it fails.
+
+        A worker that dies, or a KV transfer that fails, does not end the request while its retry budget
+        lasts: it runs again elsewhere from its prompt plus the tokens already streamed (a migration, when
+        the decode side was lost), under a new id for the workers, and the stream goes on where it was.
+        """
+        generated: list[int] = []
+        budget = {"prefill": PREFILL_RETRIES, "transfer": TRANSFER_RETRIES, "decode": self.config.migration_limit,
+                  "colocated": self.config.migration_limit}
         try:
-            if self.config.disaggregated:
-                first = await self._prefill(stream, prompt, request)
-                self._first_token(stream)
-                yield first
-                if first.finish_reason is not None:
-                    return
-                await self._call(stream.decode, stream.decode.actor.start.remote(stream.request_id,
-                                                                                   first.token_ids[-1]))
-            else:
-                await self._colocated(stream, prompt, request)
             while True:
-                out = await stream.next_event(timeout, "tokens from the decode worker")
-                if stream.state is RequestState.TRANSFERRING:  # its KV is in: the decode worker runs it
-                    stream.move(RequestState.DECODING)
-                if stream.first_token_at is None:
-                    self._first_token(stream)
-                yield out
-                if out.finish_reason is not None:
+                self._new_attempt(stream)
+                try:
+                    async for out in self._attempt(stream, prompt + generated, request, len(generated)):
+                        generated += out.token_ids
+                        yield out
                     return
-        except PdserveError as e:
+                except StreamError as e:
+                    kind = e.lost or ("transfer" if e.retryable else None)
+                    if kind is None or budget[kind] <= 0:
+                        raise
+                    budget[kind] -= 1
+                    log.warning("%s: %s; running it again (%d tokens in)", stream.request_id, e.message,
+                                len(generated))
+                    self._spawn(self._abort_attempt(stream))
+        except PdserveError:
             if not stream.state.done:
                 stream.move(RequestState.FAILED)
-                if self.metrics is not None:
-                    self.metrics.error(e.code.grpc_name.lower())
             raise
 
-    async def _prefill(self, stream: RequestStream, prompt: list[int], request: GenerateInput) -> TokenOutput:
-        decode, lease = await self._lease(stream, prompt, request)
+    def _new_attempt(self, stream: RequestStream) -> None:
+        stream.attempt += 1
+        worker_id = stream.request_id if stream.attempt == 1 else f"{stream.request_id}#{stream.attempt}"
+        self.attempts.pop(stream.worker_id, None)
+        stream.restart(worker_id)
+        self.attempts[worker_id] = stream
+
+    async def _attempt(self, stream: RequestStream, ids: list[int], request: GenerateInput, num_done: int):
+        """One run of the request on workers, from `ids` (prompt + tokens already streamed)."""
+        params = request.params
+        if num_done:
+            params = dataclasses.replace(params, max_tokens=params.max_tokens - num_done)
+        if self.config.disaggregated:
+            first = await self._prefill(stream, ids, params)
+            if stream.first_token_at is None:
+                self._first_token(stream)
+            yield first
+            if first.finish_reason is not None:
+                return
+            await self._call(stream.decode, stream.decode.actor.start.remote(stream.worker_id, first.token_ids[-1]))
+        else:
+            await self._colocated(stream, ids, params)
+        while True:
+            out = await stream.next_event(self.config.rank_timeout_s, "tokens from the decode worker")
+            if stream.state is RequestState.TRANSFERRING:  # its KV is in: the decode worker runs it
+                stream.move(RequestState.DECODING)
+            if stream.first_token_at is None:
+                self._first_token(stream)
+            yield out
+            if out.finish_reason is not None:
+                return
+
+    async def _prefill(self, stream: RequestStream, prompt: list[int], params: SamplingParams) -> TokenOutput:
+        decode, lease = await self._lease(stream, prompt, params)
         stream.move(RequestState.LEASED)
         stream.decode = decode
         prefill = self._pick(self.prefill_policy, "prefill", len(prompt))
@@ -185,7 +239,7 @@ class Router:
         stream.move(RequestState.PREFILLING)
         # NOTE: not awaited here: the first token, or whatever ends the request first (the submit failing, the
         # decode lease expiring because the KV never came), arrives as an event on the stream.
-        self._spawn(self._submit(stream, prefill, PrefillTask(stream.request_id, prompt, request.params, target)))
+        self._spawn(self._submit(stream, prefill, PrefillTask(stream.worker_id, prompt, params, target)))
         first = await stream.next_event(self.config.rank_timeout_s, "first token from the prefill worker")
         stream.move(RequestState.TRANSFERRING)
         return first
@@ -196,7 +250,7 @@ class Router:
         except PdserveError as e:
             stream.push(e if isinstance(e, StreamError) else StreamError(e.code, e.message))
 
-    async def _lease(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
+    async def _lease(self, stream: RequestStream, prompt: list[int], params: SamplingParams):
         """A decode worker's lease on blocks for the prompt; waits (bounded) while none has room."""
         deadline = time.monotonic() + self.config.rank_timeout_s
         blocks = -(-(len(prompt) + 1) // self.config.block_size)
@@ -204,7 +258,7 @@ class Router:
             for decode in self.decode_policy.order(self._healthy("decode"), len(prompt)):
                 tid = next(self._transfer_ids)
                 lease: Reservation | None = await self._call(decode, decode.actor.reserve.remote(
-                    stream.request_id, prompt, request.params, tid))
+                    stream.worker_id, prompt, params, tid))
                 if lease is not None:
                     decode.reserved_blocks += blocks
                     return decode, lease
@@ -215,12 +269,12 @@ class Router:
                                              f"within {self.config.rank_timeout_s:.0f}s")
             await asyncio.sleep(RESERVE_RETRY_S)
 
-    async def _colocated(self, stream: RequestStream, prompt: list[int], request: GenerateInput) -> None:
+    async def _colocated(self, stream: RequestStream, prompt: list[int], params: SamplingParams) -> None:
         worker = self._pick(self.decode_policy, "colocated", len(prompt))
         stream.decode = worker
         worker.sent_tokens += len(prompt)
         stream.move(RequestState.DECODING)
-        await self._call(worker, worker.actor.submit.remote(stream.request_id, prompt, request.params))
+        await self._call(worker, worker.actor.submit.remote(stream.worker_id, prompt, params))
 
     def _pick(self, policy, role: str, num_tokens: int) -> WorkerHandle:
         ordered = policy.order(self._healthy(role), num_tokens)
@@ -247,79 +301,55 @@ class Router:
         except ray.exceptions.RayError as e:
             raise WorkerFailedError(f"{worker.name} is gone ({type(e).__name__})") from None
 
-    async def _abort_everywhere(self, stream: RequestStream) -> None:
-        for worker in {stream.prefill, stream.decode} - {None}:
+    async def _abort_attempt(self, stream: RequestStream) -> None:
+        """End the current attempt on the workers that hold it (taken now: a retry replaces them)."""
+        worker_id, workers = stream.worker_id, {stream.prefill, stream.decode} - {None}
+        for worker in workers:
             if worker.healthy:
                 try:
-                    await self._call(worker, worker.actor.abort.remote(stream.request_id))
+                    await self._call(worker, worker.actor.abort.remote(worker_id))
                 except PdserveError as e:
-                    log.warning("abort of %s on %s: %s", stream.request_id, worker.name, e.message)
+                    log.warning("abort of %s on %s: %s", worker_id, worker.name, e.message)
 
     # --- reports from the workers ---------------------------------------------------------------
     def _deliver(self, worker: WorkerHandle, report: WorkerReport) -> None:
-        for out in report.outputs:
-            stream = self.streams.get(out.request_id)
+        for event in (*report.outputs, *report.failures):
+            stream = self.attempts.get(event.request_id)  # a finished or superseded attempt's are dropped
             if stream is not None:
-                stream.push(out)
-        for failure in report.failures:
-            stream = self.streams.get(failure.request_id)
-            if stream is not None:
-                stream.push(failure)
+                stream.push(event)
         if self.metrics is not None:
+            # NOTE: both ends report each transfer; it ends when the decode side has received it (or failed),
+            # so only that side's outcome is counted: once per transfer.
             for t in report.transfers:
-                self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
+                if worker.role == "decode":
+                    self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
             load = report.load
             self.metrics.set_worker(worker.role, worker.name, load.running, load.waiting,
-                                    load.total_blocks - load.free_blocks, load.total_blocks)
+                                    load.total_blocks - load.free_blocks, load.total_blocks, load.preemptions)
             self.metrics.set_queue_depth(self.admission.queued)
 
     def _died(self, worker: WorkerHandle, reason: str) -> None:
-        """A worker left: the requests that still depend on it fail (a prefill worker's part ends with the
-        first token; a transfer it leaves half done fails on the decode side by itself)."""
+        """A worker left: it leaves routing now; the requests that still depend on it are told (a prefill
+        worker's part ends with the first token; a transfer it leaves half done fails on the decode side by
+        itself); the pool's supervisor (`on_worker_died`) replaces it."""
         log.error("worker %s left the pool: %s", worker.name, reason)
         worker.healthy, worker.error = False, reason
+        if self.metrics is not None:
+            self.metrics.remove_worker(worker.role, worker.name)
         for stream in self.streams.values():
             prefilling = stream.state in (RequestState.LEASED, RequestState.PREFILLING)
             if (worker is stream.prefill and prefilling) or worker is stream.decode:
-                stream.push(StreamError(ErrorCode.UNAVAILABLE, reason))
+                stream.push(StreamError(ErrorCode.UNAVAILABLE, reason, lost=worker.role))
+        if self.on_worker_died is not None:
+            self.on_worker_died(worker)
 
-    # --- validation and metrics ------------------------------------------------------------------
-    def _prompt_ids(self, request: GenerateInput) -> list[int]:
-        given = [x for x in (request.text, request.token_ids, request.messages) if x is not None]
-        if len(given) != 1:
-            raise InvalidRequestError("prompt: exactly one of text, token_ids or messages must be given")
-        if request.token_ids is not None:
-            return list(request.token_ids)
-        if request.text is not None:
-            if not request.text:
-                raise InvalidRequestError("prompt is empty")
-            return self.tokenizer.encode_prompt(request.text)
-        if not request.messages:
-            raise InvalidRequestError("messages: at least one message is needed")
-        for i, m in enumerate(request.messages):
-            if m.role not in CHAT_ROLES:
-                raise InvalidRequestError(f"messages[{i}].role: unknown role {m.role!r} "
-                                          f"(expected one of {', '.join(CHAT_ROLES)})")
-        return self.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+    def add_worker(self, worker: WorkerHandle, replacing: WorkerHandle | None = None) -> None:
+        """A new worker joins routing (in place of `replacing`, a dead one, which leaves the status page)."""
+        self.workers = [w for w in self.workers if w is not replacing] + [worker]
+        self.replacements += replacing is not None
+        self._spawn(poll_forever(worker, self.config.rank_timeout_s, self._deliver, self._died, self._stopping))
 
-    def _check(self, prompt: list[int], request: GenerateInput) -> None:
-        limits = self.config.limits
-        if not prompt:
-            raise InvalidRequestError("prompt is empty")
-        if limits.max_prompt_tokens is not None and len(prompt) > limits.max_prompt_tokens:
-            raise InvalidRequestError(f"prompt has {len(prompt)} tokens; limits.max_prompt_tokens is "
-                                      f"{limits.max_prompt_tokens}")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len} "
-                                      f"(room for 1 new token needed)")
-        vocab = self.spec.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        if request.params.max_tokens > limits.max_tokens:
-            raise InvalidRequestError(f"max_tokens must be <= {limits.max_tokens} (limits.max_tokens), "
-                                      f"got {request.params.max_tokens}")
-
+    # --- metrics --------------------------------------------------------------------------------
     def _first_token(self, stream: RequestStream) -> None:
         stream.first_token_at = time.monotonic()
         if self.metrics is not None:

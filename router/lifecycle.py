@@ -45,11 +45,12 @@ _NEXT = {
 
 
 class StreamError(PdserveError):
-    """A request failed on a worker; carries the worker's error code."""
+    """A request failed on a worker; carries the worker's error code. `retryable`: running it again on
+    other workers may succeed (a KV transfer failed); `lost`: the worker holding it died (its role)."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, retryable: bool = False, lost: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.retryable, self.lost = code, retryable, lost
 
 
 @dataclass
@@ -59,10 +60,18 @@ class RequestStream:
     state: RequestState = RequestState.QUEUED
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    # worker names holding the request now (abort goes there)
+    attempt: int = 0
+    worker_id: str = ""  # the id the workers know this attempt by (`<request_id>` then `<request_id>#<n>`)
+    # the workers holding the current attempt (abort goes there)
     prefill: object | None = None
     decode: object | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def restart(self, worker_id: str) -> None:
+        """A new attempt (a retry, a migration) under a new id for the workers: back to QUEUED, and events
+        still queued from the previous attempt dropped."""
+        self.worker_id, self.state, self.prefill, self.decode = worker_id, RequestState.QUEUED, None, None
+        self.events = asyncio.Queue()
 
     def move(self, state: RequestState) -> None:
         if not state.done:
@@ -83,5 +92,5 @@ class RequestStream:
         if isinstance(event, StreamError):
             raise event
         if isinstance(event, RequestFailure):
-            raise StreamError(ErrorCode[event.code], event.message)
+            raise StreamError(ErrorCode[event.code], event.message, retryable=event.retry)
         return event

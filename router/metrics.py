@@ -57,6 +57,7 @@ class Metrics:
                                            buckets=_TRANSFER_BUCKETS, registry=r)
         self._preemptions = Counter("pdserve_preemptions", "Sequences preempted (freed, to be recomputed).",
                                     registry=r)
+        self._preempted: dict[tuple[str, str], int] = {}  # each worker's total at its last report
 
     def first_token(self, ttft_s: float):
         """A request's first token reached the router `ttft_s` after the request arrived."""
@@ -91,21 +92,25 @@ class Metrics:
     def set_queue_depth(self, n: int):
         self._queue_depth.set(n)
 
-    def set_worker(self, role: str, name: str, running: int, waiting: int, blocks_used: int, blocks_total: int):
-        """The latest load report of one worker (`role`: "prefill", "decode" or "colocated")."""
+    def set_worker(self, role: str, name: str, running: int, waiting: int, blocks_used: int, blocks_total: int,
+                   preemptions: int = 0):
+        """The latest load report of one worker (`role`: "prefill", "decode" or "colocated"); `preemptions` is
+        the worker's own running total, of which the counter takes what is new since its last report."""
         self._running.labels(role, name).set(running)
         self._waiting.labels(role, name).set(waiting)
         self._blocks_used.labels(role, name).set(blocks_used)
         self._blocks_total.labels(role, name).set(blocks_total)
+        seen = self._preempted.get((role, name), 0)
+        # NOTE: a total below the last one is a new worker under the same name: all of it is new
+        self._preemptions.inc(preemptions - seen if preemptions >= seen else preemptions)
+        self._preempted[(role, name)] = preemptions
 
     def remove_worker(self, role: str, name: str):
         """A worker left its pool: drop its series rather than export its last values forever."""
         for gauge in (self._running, self._waiting, self._blocks_used, self._blocks_total):
             with contextlib.suppress(KeyError):  # never reported
                 gauge.remove(role, name)
-
-    def preemption(self, n: int = 1):
-        self._preemptions.inc(n)
+        self._preempted.pop((role, name), None)
 
     def expose(self) -> bytes:
         """The registry in Prometheus' text format (serve with `CONTENT_TYPE`)."""

@@ -3,7 +3,8 @@
 Requests are validated strictly (a string is not a number, `true` is not `1`), unknown fields are ignored
 as OpenAI's API ignores `user` and the like, and values are checked once, by `SamplingParams`, whose
 message names the field. What this API accepts beyond OpenAI's: vLLM's `top_k`, `min_p`,
-`repetition_penalty`, `stop_token_ids` and `ignore_eos`.
+`repetition_penalty`, `stop_token_ids`, `ignore_eos` and `return_tokens_as_token_ids` (logprobs name each
+token `token_id:<id>`, exact where a token's text alone is not, e.g. part of a multi-byte character).
 
 - `prompt` (completions) is one prompt: a string or a list of token ids (a list holding exactly one of
   those is taken as that one); several prompts in one request are rejected (400), send one request each.
@@ -65,6 +66,7 @@ class _SamplingRequest(_Body):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False
 
     @property
     def include_usage(self) -> bool:

@@ -98,8 +98,10 @@ class ResponseFormat:
     response_type: type[BaseModel]
     chunk_type: type[BaseModel]
 
-    def __init__(self, core: RouterCore, request_id: str, model: str, n: int, logprobs: bool):
+    def __init__(self, core: RouterCore, request_id: str, model: str, n: int, logprobs: bool,
+                 tokens_as_ids: bool = False):
         self.core, self.request_id, self.model, self.want_logprobs = core, request_id, model, logprobs
+        self.tokens_as_ids = tokens_as_ids
         self.created = int(time.time())  # one for every chunk of the request, as OpenAI's
         self.choices = [_Choice() for _ in range(n)]
         self._token_texts: dict[int, str] = {}
@@ -144,6 +146,10 @@ class ResponseFormat:
             self._token_texts[token_id] = self.core.token_text(token_id)
         return self._token_texts[token_id]
 
+    def token_name(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or `token_id:<id>` (return_tokens_as_token_ids)."""
+        return f"token_id:{token_id}" if self.tokens_as_ids else self.token_text(token_id)
+
 
 class ChatFormat(ResponseFormat):
     response_type, chunk_type = ChatCompletionResponse, ChatCompletionChunk
@@ -162,11 +168,11 @@ class ChatFormat(ResponseFormat):
     def _logprobs(self, choice, entries) -> ChatLogprobs:
         content = []
         for token_id, entry in entries:
-            token = self.token_text(token_id)
             top = sorted(entry["top"].items(), key=lambda kv: -kv[1])
             content.append(TokenLogprob(
-                token=token, logprob=entry["token_logprob"], bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=(t := self.token_text(i)), logprob=lp, bytes=list(t.encode()))
+                token=self.token_name(token_id), logprob=entry["token_logprob"],
+                bytes=list(self.token_text(token_id).encode()),
+                top_logprobs=[TopLogprob(token=self.token_name(i), logprob=lp, bytes=list(self.token_text(i).encode()))
                               for i, lp in top]))
         return ChatLogprobs(content=content)
 
@@ -185,12 +191,12 @@ class CompletionFormat(ResponseFormat):
     def _logprobs(self, choice, entries) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for token_id, entry in entries:
-            token = self.token_text(token_id)
+            token = self.token_name(token_id)
             out.tokens.append(token)
             out.token_logprobs.append(entry["token_logprob"])
             # NOTE: the chosen token is always listed, as OpenAI does, even with logprobs=0.
-            top = {self.token_text(i): lp for i, lp in entry["top"].items()}
+            top = {self.token_name(i): lp for i, lp in entry["top"].items()}
             out.top_logprobs.append({token: entry["token_logprob"], **top})
             out.text_offset.append(choice.text_offset)
-            choice.text_offset += len(token)
+            choice.text_offset += len(self.token_text(token_id))
         return out

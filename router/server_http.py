@@ -60,7 +60,7 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         model = _served_model(core, body.model)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         inputs = chat_inputs(body, request_id, default_max_tokens or core.model_info().max_model_len)
-        fmt = ChatFormat(core, request_id, model, body.n, body.logprobs)
+        fmt = ChatFormat(core, request_id, model, body.n, body.logprobs, body.return_tokens_as_token_ids)
         return await _respond(request, core, inputs, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
@@ -68,7 +68,8 @@ def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes
         body = await _parse(request, CompletionRequest)
         model = _served_model(core, body.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        fmt = CompletionFormat(core, request_id, model, body.n, body.logprobs is not None)
+        fmt = CompletionFormat(core, request_id, model, body.n, body.logprobs is not None,
+                               body.return_tokens_as_token_ids)
         return await _respond(request, core, completion_inputs(body, request_id), fmt, body.stream, body.include_usage)
 
     @app.get("/v1/models")

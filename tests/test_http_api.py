@@ -117,6 +117,18 @@ def test_completion_logprobs(client, core):
     assert core.requests[0].params.logprobs == 1
 
 
+def test_logprobs_name_tokens_by_id(client, core):
+    # vLLM's return_tokens_as_token_ids: exact ids where one token's text is not (half a character)
+    lp = client.completions.create(model=MODEL, prompt="x", logprobs=1,
+                                   extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    assert lp.tokens == ["token_id:10", "token_id:11", "token_id:12"] and lp.text_offset == [0, 4, 8]
+    assert lp.top_logprobs[2] == {"token_id:12": -2.5, "token_id:99": -3.0}
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True, top_logprobs=1,
+                                         extra_body={"return_tokens_as_token_ids": True})
+    first = out.choices[0].logprobs.content[0]
+    assert (first.token, first.bytes, first.top_logprobs[1].token) == ("token_id:10", list(b"<10>"), "token_id:99")
+
+
 def test_health_status_metrics(server, core):
     assert httpx.get(server.url + "/health").status_code == 200
     core.serving = False

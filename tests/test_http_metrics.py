@@ -23,8 +23,7 @@ def test_every_call_moves_its_series():
     m.transfer(True, 1 << 20, 0.002)
     m.transfer(False, 0, 1.0)
     m.set_queue_depth(7)
-    m.set_worker("decode", "decode-0", running=3, waiting=1, blocks_used=40, blocks_total=128)
-    m.preemption()
+    m.set_worker("decode", "decode-0", running=3, waiting=1, blocks_used=40, blocks_total=128, preemptions=1)
     s = samples(m)
     assert s[("pdserve_time_to_first_token_seconds_count", ())] == 1
     assert s[("pdserve_inter_token_latency_seconds_count", ())] == 4
@@ -49,6 +48,14 @@ def test_every_call_moves_its_series():
 
 def test_registries_are_separate():
     a, b = Metrics(), Metrics()  # a second server in the process must not collide with the first
-    a.preemption(3)
+    a.set_worker("decode", "decode-0", 0, 0, 0, 8, preemptions=3)
     assert samples(a)[("pdserve_preemptions_total", ())] == 3
     assert samples(b)[("pdserve_preemptions_total", ())] == 0
+
+
+def test_preemptions_count_what_each_worker_reports_new():
+    m = Metrics()
+    for role, name, total in [("decode", "d0", 2), ("decode", "d0", 2), ("decode", "d0", 5), ("colocated", "c0", 1),
+                              ("decode", "d0", 1)]:  # the last: d0 replaced by a new worker of that name
+        m.set_worker(role, name, 0, 0, 0, 8, preemptions=total)
+    assert samples(m)[("pdserve_preemptions_total", ())] == 5 + 1 + 1

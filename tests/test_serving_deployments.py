@@ -18,7 +18,9 @@ from pdserve.router.client import RemoteError
     {"kv_transfer": {"transport": "grpc", "timeout_s": 10.0}},
     {"disaggregated": False},
     {"api_key": "secret"},
-], ids=["grpc-transport", "colocated", "api-key"])
+    {"transport": "gloo", "prefill": {"count": 1, "tp_size": 1}, "decode": {"count": 1, "tp_size": 2}},
+    {"transport": "grpc", "prefill": {"count": 1, "tp_size": 2}, "decode": {"count": 1, "tp_size": 1}},
+], ids=["grpc-transport", "colocated", "api-key", "prefill-tp1-decode-tp2", "prefill-tp2-decode-tp1"])
 def test_other_deployments_equal_transformers(path, prompts, expected, overrides):
     api_key = overrides.pop("api_key", None)
     router = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "api_key": api_key}
