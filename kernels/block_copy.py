@@ -230,8 +230,8 @@ def copy_blocks_triton(
 
 
 def load_kernels(kv_cache: torch.Tensor) -> None:
-    """CUDA: run the gather, the scatter and the copy once, on a scratch block shaped like `kv_cache`'s, so their code is
-    loaded now. NOTE: CUDA loads a kernel's module lazily, at its first launch, and loading waits for the GPU
+    """CUDA: run the gather, the scatter and the copy once, on a scratch block shaped like `kv_cache`'s, so their
+    code is loaded now. NOTE: CUDA loads a kernel's module lazily, at its first launch, and loading waits for the GPU
     to drain; a first launch while an NCCL receive waits for a peer (a KV transfer in flight) would wait as
     long as that receive, forever if the peer died."""
     if not kv_cache.is_cuda:

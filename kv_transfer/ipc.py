@@ -166,7 +166,7 @@ class IpcLink(Link):
         self._stream: torch.cuda.Stream | None = None  # where the current transfer's copies run
 
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
-        target = writes_into(self.device, self.endpoint.place) if self.device.type == "cuda" else self.device
+        target = writes_into(self.device, self.endpoint.place)
         if target is None:
             raise TransferError(f"{self.device} cannot write into the GPU of the receiver at "
                                 f"{self.endpoint.host}:{self.endpoint.port}")
@@ -201,6 +201,10 @@ class IpcLink(Link):
         self._current, self._num_bytes = header, 0
         self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._dst_index = device_index(reply["block_ids"], self.device)
+
+    def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor, deadline: float) -> None:
+        """Never called: a direct link writes the blocks itself (`write`); nothing is staged or sent."""
+        raise NotImplementedError("an IPC link writes blocks, it sends no messages")
 
     def write(self, layers: tuple[int, int], src_cache: torch.Tensor, src_index: torch.Tensor,
               src_heads: tuple[int, int], num_programs: int | None) -> int:

@@ -39,11 +39,14 @@ def visible_index(uuid: str) -> int | None:
 
 
 def writes_into(device: torch.device, place: Place | None) -> torch.device | None:
-    """The device (in this process's numbering) through which a rank on `device` writes the memory of a GPU
+    """The device (in this process's numbering) through which a rank on `device` writes the cache of a rank
     at `place`: the same GPU, or a peer this process sees and may access; None when it cannot (another
-    node, a CPU rank, a GPU not visible here or without peer access)."""
-    if device.type != "cuda" or place is None or place.gpu is None or place.node != node_id():
+    node, a GPU not visible here or without peer access, CPU and GPU mixed). Host memory to host memory on
+    one node is allowed here and refused at the handshake unless both ranks are one process (share.py)."""
+    if place is None or place.node != node_id() or (device.type == "cuda") != (place.gpu is not None):
         return None
+    if device.type != "cuda":
+        return device
     index = visible_index(place.gpu)
     if index is None:
         return None

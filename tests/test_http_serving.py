@@ -40,7 +40,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def server(request, ray_cluster, path):
-    deployment = {"kv_transfer": {"transport": "gloo"}} if request.param == "disaggregated" else {"disaggregated": False}
+    gloo = {"kv_transfer": {"transport": "gloo"}}
+    deployment = gloo if request.param == "disaggregated" else {"disaggregated": False}
     router = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "api_key": API_KEY}
     with ServerThread(tiny_config(path, router=router, limits=LIMITS, num_kv_blocks=NUM_BLOCKS,
                                   **deployment)) as server:

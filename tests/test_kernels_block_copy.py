@@ -105,8 +105,7 @@ def test_copy_ref_moves_only_the_chosen_blocks_and_heads():
 @pytest.mark.parametrize("num_programs", [None, 3])
 def test_copy_triton(layers, src_heads, dst_heads, num_programs, poisoned):
     src = torch.randn(3, 2, 10, 4, 4, 8, dtype=torch.bfloat16, device=DEVICE)
-    dst_heads_total = 4 if dst_heads is None else 2
-    dst = torch.full((3, 2, 7, dst_heads_total, 4, 8), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    dst = torch.full((3, 2, 7, 4, 4, 8), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     dst_ref = dst.clone()
     src_ids = torch.tensor([9, 1, 4, 6], device=DEVICE)
     dst_ids = torch.tensor([2, 6, 0, 3], device=DEVICE)

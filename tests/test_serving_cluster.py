@@ -62,7 +62,8 @@ def test_serve_answers_then_sigterm_drains_and_exits(tmp_path, path, prompts, ex
     load finishes or fails (UNAVAILABLE) every in-flight request, exits 0 within 30 s, leaves no Ray
     process behind."""
     yaml = tmp_path / "tiny.yaml"
-    yaml.write_text(f"model: {path}\ndevice: cpu\ndtype: float32\nkv_transfer: {{transport: gloo}}\nmax_num_batched_tokens: 32\nmax_num_seqs: 16\n"
+    yaml.write_text(f"model: {path}\ndevice: cpu\ndtype: float32\nkv_transfer: {{transport: gloo}}\n"
+                    "max_num_batched_tokens: 32\nmax_num_seqs: 16\n"
                     "router: {host: 127.0.0.1, grpc_port: 0, http_port: 0}\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "-c", str(yaml)], stdout=subprocess.PIPE,
