@@ -1,0 +1,41 @@
+"""One GPU, the whole serving path: prefill and decode workers share the card (half a Ray GPU each), KV moves
+by `transport: auto` (IPC, since both ends are on this GPU), and the greedy text of 16 prompts equals the
+colocated deployment's on the same GPU. The tiny model keeps it fast."""
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from serving_support import GREEDY, collect, pools_full, tiny_config
+
+from pdserve.cluster.serve import ServerThread
+from pdserve.kv_transfer import TransportKind
+from pdserve.kv_transfer.place import choose
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+
+PROMPTS = [f"Prompt {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 5) + str(i * 7919)
+           for i in range(16)]
+MAX_TOKENS = 16
+
+
+def _serve(path, **overrides) -> list[list[int]]:
+    config = tiny_config(path, device="cuda", num_kv_blocks=256, **overrides)
+    with ServerThread(config) as server:
+        if config.disaggregated:
+            [decode] = [w for w in server.router.workers if w.role == "decode"]
+            [endpoint] = ray.get(decode.actor.destination.remote(), timeout=30).endpoints
+            # what the prefill worker's sender takes: it runs on this node and this GPU, as this process does
+            assert choose(endpoint, torch.device("cuda", 0)).kind is TransportKind.IPC
+        got = [collect(server.grpc_address, text=t, sampling={**GREEDY, "max_tokens": MAX_TOKENS})[0]
+               for t in PROMPTS]
+        assert pools_full(server) == []
+    return got
+
+
+def test_one_gpu_disaggregated_serves_the_colocated_text(path):
+    half = {"count": 1, "tp_size": 1, "num_gpus": 0.5}
+    disaggregated = _serve(path, prefill=half, decode=half, kv_transfer={"transport": "auto", "timeout_s": 20.0})
+    colocated = _serve(path, disaggregated=False)
+    assert all(len(ids) == MAX_TOKENS for ids in colocated)
+    assert disaggregated == colocated
