@@ -84,12 +84,13 @@ class IpcIngest(Ingest):
         finally:
             # NOTE: once the connection is gone no write of this sender is still to come (it waits for its
             # copies before it closes; a dead process's work ends with it), so the held blocks may go back.
+            # Only the transfers this sender had begun and not ended fail: others it carried may still get
+            # their other parts from other senders (resharding), and ended ones are its no longer.
             for inc, _ in begun.values():
                 self._unhold(inc, 0)
-            if conn_id is not None:
-                with self._lock:
-                    self._conns.pop(conn_id, None)
-                self.receiver.conn_lost(conn_id, reason)
+                self.receiver.fail_part(inc, f"connection to the sender was lost: {reason}")
+            with self._lock:
+                self._conns.pop(conn_id, None)
             sock.close()
 
     def _handshake(self, sock: socket.socket, msg: dict) -> int | None:

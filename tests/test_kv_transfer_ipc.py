@@ -199,3 +199,26 @@ def test_choose_takes_ipc_only_where_it_reaches_and_falls_back_otherwise():
     assert choose(elsewhere, cpu) is nccl
     with pytest.raises(TransferError, match="no transport reaches the receiving rank at 10.0.0.2:2"):
         choose(Endpoint(TransportKind.IPC, "10.0.0.2", 2, Place("other-node/boot")), cpu)
+
+
+def test_a_sender_that_closes_after_its_part_leaves_the_other_senders_parts_alone():
+    """2 -> 1: the first sender's part lands and it closes its pair; the transfer still waits for the
+    second sender's part, and completes."""
+    srcs = [_cache(2), _cache(2)]
+    dst = torch.zeros(3, 2, 16, 4, 4, 8, dtype=torch.bfloat16)
+    receiver = KVReceiver(make_layout(), dst, lambda ids: None, TransportKind.IPC, config=CONFIG)
+    senders = [KVSender(make_layout(2, r), srcs[r], lambda ids: None, config=CONFIG) for r in range(2)]
+    try:
+        receiver.expect(1, [4, 9])
+        dest = Destination((receiver.endpoint,))
+        _send(senders[0], 1, dest, [1, 2], layerwise=False)
+        assert senders[0].wait_for_save(1, 5).state is TransferState.DONE
+        senders[0].close()
+        time.sleep(0.1)
+        assert receiver.state(1) is TransferState.TRANSFERRING
+        _send(senders[1], 1, dest, [1, 2], layerwise=False)
+        assert receiver.wait(1, 5).state is TransferState.DONE
+        assert torch.equal(dst[:, :, [4, 9]], torch.cat([s[:, :, [1, 2]] for s in srcs], dim=3))
+    finally:
+        senders[1].close()
+        receiver.close()

@@ -40,7 +40,8 @@ def sender_main(tp_size, rank, dest, transfers, results, stop_after_layer=None):
             sender.save_kv_layer(tid, layer)
         if not layerwise:
             sender.save_kv(tid)
-        results.put((tid, sender.wait_for_save(tid, 10).state.value))
+        result = sender.wait_for_save(tid, 10)
+        results.put((tid, result.error or result.state.value))
     sender.close()
 
 

@@ -19,23 +19,31 @@ PROMPTS = [f"Prompt {i}: " + "the quick brown fox jumps over the lazy dog " * (i
 MAX_TOKENS = 16
 
 
-def _serve(path, **overrides) -> list[list[int]]:
+def _serve(path, **overrides) -> tuple[list[list[int]], list]:
+    """(greedy ids of PROMPTS, workers whose block pool is not full once they ended)."""
     config = tiny_config(path, device="cuda", num_kv_blocks=256, **overrides)
     with ServerThread(config) as server:
         if config.disaggregated:
             [decode] = [w for w in server.router.workers if w.role == "decode"]
             [endpoint] = ray.get(decode.actor.destination.remote(), timeout=30).endpoints
             # what the prefill worker's sender takes: it runs on this node and this GPU, as this process does
-            assert choose(endpoint, torch.device("cuda", 0)).kind is TransportKind.IPC
+            want = TransportKind.IPC if config.kv_transfer.transport == "auto" else TransportKind.GRPC
+            assert choose(endpoint, torch.device("cuda", 0)).kind is want
         got = [collect(server.grpc_address, text=t, sampling={**GREEDY, "max_tokens": MAX_TOKENS})[0]
                for t in PROMPTS]
-        assert pools_full(server) == []
+        return got, pools_full(server)
+
+
+@pytest.fixture(scope="module")
+def colocated(path):
+    got, short = _serve(path, disaggregated=False)
+    assert short == [] and all(len(ids) == MAX_TOKENS for ids in got)
     return got
 
 
-def test_one_gpu_disaggregated_serves_the_colocated_text(path):
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_one_gpu_disaggregated_serves_the_colocated_text(path, colocated, transport):
     half = {"count": 1, "tp_size": 1, "num_gpus": 0.5}
-    disaggregated = _serve(path, prefill=half, decode=half, kv_transfer={"transport": "auto", "timeout_s": 20.0})
-    colocated = _serve(path, disaggregated=False)
-    assert all(len(ids) == MAX_TOKENS for ids in colocated)
-    assert disaggregated == colocated
+    got, short = _serve(path, prefill=half, decode=half, kv_transfer={"transport": transport, "timeout_s": 20.0})
+    assert got == colocated
+    assert short == []
