@@ -165,6 +165,7 @@ class IpcLink(Link):
         self._dst_index: torch.Tensor | None = None  # [n] the current transfer's destination blocks
         self._num_bytes = 0
         self._stream: torch.cuda.Stream | None = None  # where the current transfer's copies run
+        self._deadline = 0.0  # the current transfer's
 
     def connect(self, local: KVLayout, transfer_id: int, deadline: float) -> KVLayout:
         target = writes_into(self.device, self.endpoint.place)
@@ -191,17 +192,26 @@ class IpcLink(Link):
         return self._sock is not None and not peer_closed(self._sock)
 
     def begin(self, header: TransferHeader, deadline: float, on_device: torch.Tensor | None) -> None:
-        """Announce the transfer; the receiver answers with its destination blocks (bounded by `deadline`)."""
+        """Announce the transfer. The receiver's answer (its destination blocks) is read by the first write,
+        so that the caller stages its own block ids meanwhile (bounded by `deadline`)."""
+        if peer_closed(self._sock):  # a dead receiver's memory is never written
+            raise TransferError("the receiver closed the connection")
         send_msg(self._sock, {"op": "begin", "transfer_id": header.transfer_id, "num_blocks": header.num_blocks,
                               "heads": list(header.heads)})
-        reply = recv_msg(self._sock, deadline)
-        if "error" in reply:
-            raise TransferError(reply["error"])
-        if len(reply["block_ids"]) != header.num_blocks:
-            raise TransferError(f"receiver gave {len(reply['block_ids'])} blocks for {header.num_blocks}")
-        self._current, self._num_bytes = header, 0
+        self._current, self._deadline, self._num_bytes, self._dst_index = header, deadline, 0, None
         self._stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        self._dst_index = device_index(reply["block_ids"], self.device)
+
+    def _destination(self) -> torch.Tensor:
+        """[n] the current transfer's destination blocks on this device, from the receiver's answer."""
+        if self._dst_index is None:
+            reply = recv_msg(self._sock, self._deadline)
+            if "error" in reply:
+                self._current = None  # the receiver holds nothing for it
+                raise TransferError(reply["error"])
+            if len(reply["block_ids"]) != self._current.num_blocks:
+                raise TransferError(f"receiver gave {len(reply['block_ids'])} blocks for {self._current.num_blocks}")
+            self._dst_index = device_index(reply["block_ids"], self.device)
+        return self._dst_index
 
     def send(self, header: TransferHeader, part: MessagePart, payload: torch.Tensor, deadline: float) -> None:
         """Never called: a direct link writes the blocks itself (`write`); nothing is staged or sent."""
@@ -211,12 +221,12 @@ class IpcLink(Link):
               src_heads: tuple[int, int], num_programs: int | None) -> int:
         """Enqueue (on the current stream) the copy of these layers of the current transfer's blocks, heads
         `src_heads` of this rank's cache, into the receiver's blocks; returns the bytes it moves."""
+        dst_index = self._destination()
         if peer_closed(self._sock):  # a dead receiver's memory is never written
             raise TransferError("the receiver closed the connection")
         hs = self._remote.heads[0]
         dst_heads = (self._current.heads[0] - hs, self._current.heads[1] - hs)
-        ops.copy_blocks(src_cache, src_index, self._cache, self._dst_index, layers, src_heads, dst_heads,
-                        num_programs)
+        ops.copy_blocks(src_cache, src_index, self._cache, dst_index, layers, src_heads, dst_heads, num_programs)
         shape = self._cache.shape
         num_bytes = ((layers[1] - layers[0]) * 2 * len(src_index) * (src_heads[1] - src_heads[0]) * shape[4]
                      * shape[5] * self._cache.element_size())
@@ -225,6 +235,7 @@ class IpcLink(Link):
 
     def flush(self, deadline: float, after: torch.cuda.Event | None = None) -> None:
         """Wait (bounded) for the current transfer's copies to run on the device, then tell the receiver."""
+        self._destination()  # its answer is read even if nothing was written
         if not self._copies_done(deadline):
             raise TransferError("the copies into the receiver's cache did not complete within the deadline")
         header, self._current = self._current, None

@@ -187,7 +187,7 @@ class PairWorker:
         header = TransferHeader(out.transfer_id, n, part.heads, layout.num_layers, n)
         link.begin(header, out.deadline, None)
         out.trace.mark("header posted")
-        _, index = self._stage_ids(header, out.block_ids)
+        _, index = self._stage_ids(header, out.block_ids)  # while the receiver answers with its blocks
         hs = layout.heads[0]
         local_heads = (part.heads[0] - hs, part.heads[1] - hs)
         num_bytes, done = 0, 0

@@ -3,6 +3,8 @@ by `transport: auto` (IPC, since both ends are on this GPU), and the greedy text
 colocated deployment's on the same GPU. The tiny model keeps it fast."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import ray
 import torch
@@ -31,7 +33,19 @@ def _serve(path, **overrides) -> tuple[list[list[int]], list]:
             assert choose(endpoint, torch.device("cuda", 0)).kind is want
         got = [collect(server.grpc_address, text=t, sampling={**GREEDY, "max_tokens": MAX_TOKENS})[0]
                for t in PROMPTS]
-        return got, pools_full(server)
+        short = pools_full(server)
+        if short and config.disaggregated:  # what the prefill worker's sender says, to tell where blocks stay
+            [prefill] = [w for w in server.router.workers if w.role == "prefill"]
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+            short.append(ray.get(prefill.actor.__ray_call__.remote(_sender_state), timeout=30))
+        return got, short
+
+
+def _sender_state(worker) -> dict:
+    sender = worker.sender
+    active = [(tid, out.state.name, out.parts_left, out.layers_ready) for tid, out in sender._book.active.items()]
+    return {"stats": sender.stats.snapshot(), "sending": len(worker.sending), "active": active[:4],
+            "finished": [(r.transfer_id, r.state.name, r.error) for r in list(sender._book.finished.values())[:4]]}
 
 
 @pytest.fixture(scope="module")
