@@ -58,6 +58,7 @@ class Server:
             self.grpc = await start_grpc_server(self.router, r.host, r.grpc_port, r.api_key,
                                                 limits.max_request_bytes, limits.max_tokens)
             app = build_app(self.router, api_key=r.api_key, max_request_bytes=limits.max_request_bytes,
+                            body_timeout_s=limits.request_body_timeout_s,
                             metrics=self.metrics, default_max_tokens=limits.max_tokens)
             self.http = await start_http_server(app, r.host, r.http_port)
         except BaseException:

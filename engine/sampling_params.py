@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pdserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 1024  # each is compared with every new token, on the worker's step loop
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -95,6 +96,8 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, (tuple, list)):
             raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
         for i, token_id in enumerate(ids):
             if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
                 raise InvalidRequestError(f"stop_token_ids[{i}] must be an integer, got {token_id!r}")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdserve.errors import ConfigError
+from jinja2 import TemplateError
+
+from pdserve.errors import ConfigError, InvalidRequestError
 
 
 class Tokenizer:
@@ -23,8 +25,11 @@ class Tokenizer:
         """A whole conversation through the chat template, with the generation prompt added."""
         if not self.hf.chat_template:
             raise ConfigError("chat: this model's tokenizer has no chat template")
-        return list(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False))
+        try:
+            return list(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+        except TemplateError as e:  # a template's own `raise_exception` (roles that do not alternate, ...)
+            raise InvalidRequestError(f"messages: the model's chat template refuses them: {e}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

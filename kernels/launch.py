@@ -7,7 +7,7 @@ ordered after everything before it, since its predecessor could not finish befor
 """
 import torch
 
-# Off: every kernel launches plainly (the benchmarks' comparison, `python -m pdserve.bench.engine --no-pdl`).
+# Off: every kernel launches plainly (the engine benchmark's `--no-pdl` comparison).
 USE_PDL = True
 
 

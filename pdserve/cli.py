@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from pdserve.config import EMBEDDED_MODEL, load_config
 from pdserve.errors import PdserveError
@@ -110,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.set_defaults(func=_validate)
 
-    from pdserve.bench.serving.cli import add_bench_parser
-
-    add_bench_parser(sub)
+    # Commands that other parts of the distribution add (the serving benchmark's `bench`), declared in
+    # pyproject.toml's entry points: the product imports nothing from the benchmarks.
+    for command in entry_points(group="pdserve.commands"):
+        command.load()(sub)
     return p
 
 

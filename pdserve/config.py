@@ -52,6 +52,7 @@ class LimitsConfig(_Strict):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_tokens: int = Field(4096, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1)
+    request_body_timeout_s: float = Field(30.0, gt=0)  # an HTTP body must arrive whole within this (408)
     max_concurrent_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=0)
 
@@ -113,10 +114,10 @@ class DeploymentConfig(_Strict):
     # all-reduce buffers itself, so the all-reduce after it only waits and sums (docs/decisions.md). Off by
     # default until measured on two GPUs.
     push_gemm: bool = False
-    disaggregated: bool = True  # read by the serving layer (cluster/deploy.py), which wires it
+    disaggregated: bool = True
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()
-    kv_transfer: KVTransferConfig = KVTransferConfig()  # read by the serving layer (its workers), which wires it
+    kv_transfer: KVTransferConfig = KVTransferConfig()
     rank_timeout_s: float = Field(60.0, gt=0.0)
     # A request whose decode worker dies is re-prefilled from its prompt and the tokens already streamed
     # and continued on another decode worker, at most this many times (0: it fails with UNAVAILABLE).

@@ -18,15 +18,14 @@ from collections.abc import AsyncIterator
 
 from pdserve.config import DeploymentConfig
 from pdserve.engine.model_config import ModelSpec
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, ResourceExhaustedError, WorkerFailedError
-from pdserve.messages import KVTarget, PrefillTask, Reservation, TokenOutput, WorkerReport
+from pdserve.errors import ErrorCode, InvalidRequestError, PdserveError, WorkerFailedError
+from pdserve.messages import WorkerReport
 from pdserve.router.admission import Admission
 from pdserve.router.detokenize import Detokenizer
+from pdserve.router.dispatch import Dispatch
 from pdserve.router.frontend import GenerateDelta, GenerateInput, ModelInfo, Usage
 from pdserve.router.lifecycle import RequestState, RequestStream, StreamError
-from pdserve.router.policy import LeastQueuedTokens, MostFreeBlocks
 from pdserve.router.validate import check_request, prompt_ids
 from pdserve.router.workers import WorkerHandle, poll_forever
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 PREFILL_RETRIES = 2  # a request whose prefill worker died runs again on another one, this many times
 TRANSFER_RETRIES = 1  # and one whose KV transfer failed
-RESERVE_RETRY_S = 0.02  # while no decode worker has room, how often the lease is asked for again
 
 
 class Router:
@@ -45,16 +43,15 @@ class Router:
         self.workers = workers
         self.admission = Admission(config.limits.max_concurrent_requests, config.limits.max_queued_requests)
         self.streams: dict[str, RequestStream] = {}
-        self.prefill_policy, self.decode_policy = LeastQueuedTokens(), MostFreeBlocks()
         self.max_model_len = min(w.info.max_model_len for w in workers)
         self.draining = False
-        self._transfer_ids = itertools.count(1)
         self._ids = itertools.count()
         self._stopping = asyncio.Event()
         self.attempts: dict[str, RequestStream] = {}  # by the id the workers know the current attempt by
         self.on_worker_died = None  # set by the deployment's supervisor: replaces a dead worker
         self.replacements = 0
         self._tasks: set[asyncio.Task] = set()
+        self.dispatch = Dispatch(config, lambda: self.workers, self._spawn)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +134,7 @@ class Router:
                 self.attempts.pop(stream.worker_id, None)
                 if not stream.state.done:
                     stream.move(RequestState.ABORTED)
-                    self._spawn(self._abort_attempt(stream))
+                    self._spawn(self.dispatch.abort_attempt(stream))
 
     # --- the walk ------------------------------------------------------------------------------
     async def _stream_text(self, stream: RequestStream, prompt: list[int], request: GenerateInput):
@@ -159,7 +156,7 @@ class Router:
                 text += "" if stopped else detok.flush()
                 stream.move(RequestState.FINISHED)
                 if stopped:
-                    self._spawn(self._abort_attempt(stream))
+                    self._spawn(self.dispatch.abort_attempt(stream))
                 self._finished(stream, finish, num_out)
                 yield GenerateDelta(text, ids, finish, Usage(len(prompt), num_out), logprobs)
                 return
@@ -190,7 +187,7 @@ class Router:
                     budget[kind] -= 1
                     log.warning("%s: %s; running it again (%d tokens in)", stream.request_id, e.message,
                                 len(generated))
-                    self._spawn(self._abort_attempt(stream))
+                    self._spawn(self.dispatch.abort_attempt(stream))
         except PdserveError:
             if not stream.state.done:
                 stream.move(RequestState.FAILED)
@@ -209,15 +206,16 @@ class Router:
         if num_done:
             params = dataclasses.replace(params, max_tokens=params.max_tokens - num_done)
         if self.config.disaggregated:
-            first = await self._prefill(stream, ids, params)
+            first = await self.dispatch.prefill(stream, ids, params)
             if stream.first_token_at is None:
                 self._first_token(stream)
             yield first
             if first.finish_reason is not None:
                 return
-            await self._call(stream.decode, stream.decode.actor.start.remote(stream.worker_id, first.token_ids[-1]))
+            await self.dispatch.call(stream.decode, stream.decode.actor.start.remote(stream.worker_id,
+                                                                               first.token_ids[-1]))
         else:
-            await self._colocated(stream, ids, params)
+            await self.dispatch.colocated(stream, ids, params)
         while True:
             out = await stream.next_event(self.config.rank_timeout_s, "tokens from the decode worker")
             if stream.state is RequestState.TRANSFERRING:  # its KV is in: the decode worker runs it
@@ -227,89 +225,6 @@ class Router:
             yield out
             if out.finish_reason is not None:
                 return
-
-    async def _prefill(self, stream: RequestStream, prompt: list[int], params: SamplingParams) -> TokenOutput:
-        decode, lease = await self._lease(stream, prompt, params)
-        stream.move(RequestState.LEASED)
-        stream.decode = decode
-        prefill = self._pick(self.prefill_policy, "prefill", len(prompt))
-        stream.prefill = prefill
-        target = KVTarget(lease.transfer_id, lease.destination, lease.block_ids)
-        prefill.sent_tokens += len(prompt)
-        stream.move(RequestState.PREFILLING)
-        # NOTE: not awaited here: the first token, or whatever ends the request first (the submit failing, the
-        # decode lease expiring because the KV never came), arrives as an event on the stream.
-        self._spawn(self._submit(stream, prefill, PrefillTask(stream.worker_id, prompt, params, target)))
-        first = await stream.next_event(self.config.rank_timeout_s, "first token from the prefill worker")
-        stream.move(RequestState.TRANSFERRING)
-        return first
-
-    async def _submit(self, stream: RequestStream, prefill: WorkerHandle, task: PrefillTask) -> None:
-        try:
-            await self._call(prefill, prefill.actor.submit.remote(task))
-        except PdserveError as e:
-            stream.push(e if isinstance(e, StreamError) else StreamError(e.code, e.message))
-
-    async def _lease(self, stream: RequestStream, prompt: list[int], params: SamplingParams):
-        """A decode worker's lease on blocks for the prompt; waits (bounded) while none has room."""
-        deadline = time.monotonic() + self.config.rank_timeout_s
-        blocks = -(-(len(prompt) + 1) // self.config.block_size)
-        while True:
-            for decode in self.decode_policy.order(self._healthy("decode"), len(prompt)):
-                tid = next(self._transfer_ids)
-                lease: Reservation | None = await self._call(decode, decode.actor.reserve.remote(
-                    stream.worker_id, prompt, params, tid))
-                if lease is not None:
-                    decode.reserved_blocks += blocks
-                    return decode, lease
-            if not self._healthy("decode"):
-                raise WorkerFailedError("no healthy decode worker")
-            if time.monotonic() > deadline:
-                raise ResourceExhaustedError(f"no decode worker had room for {len(prompt)} prompt tokens "
-                                             f"within {self.config.rank_timeout_s:.0f}s")
-            await asyncio.sleep(RESERVE_RETRY_S)
-
-    async def _colocated(self, stream: RequestStream, prompt: list[int], params: SamplingParams) -> None:
-        worker = self._pick(self.decode_policy, "colocated", len(prompt))
-        stream.decode = worker
-        worker.sent_tokens += len(prompt)
-        stream.move(RequestState.DECODING)
-        await self._call(worker, worker.actor.submit.remote(stream.worker_id, prompt, params))
-
-    def _pick(self, policy, role: str, num_tokens: int) -> WorkerHandle:
-        ordered = policy.order(self._healthy(role), num_tokens)
-        if not ordered:
-            raise WorkerFailedError(f"no healthy {role} worker")
-        return ordered[0]
-
-    def _healthy(self, role: str) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.role == role and w.healthy]
-
-    async def _call(self, worker: WorkerHandle, ref):
-        """A bounded call to a worker; a worker that fails or does not answer ends the request UNAVAILABLE."""
-        import ray
-
-        try:
-            return await asyncio.wait_for(ref, self.config.rank_timeout_s)
-        except asyncio.TimeoutError:
-            raise WorkerFailedError(f"{worker.name} did not answer within {self.config.rank_timeout_s:.0f}s") \
-                from None
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, PdserveError):
-                raise e.cause from None
-            raise WorkerFailedError(f"{worker.name} failed: {e.cause!r}") from None
-        except ray.exceptions.RayError as e:
-            raise WorkerFailedError(f"{worker.name} is gone ({type(e).__name__})") from None
-
-    async def _abort_attempt(self, stream: RequestStream) -> None:
-        """End the current attempt on the workers that hold it (taken now: a retry replaces them)."""
-        worker_id, workers = stream.worker_id, {stream.prefill, stream.decode} - {None}
-        for worker in workers:
-            if worker.healthy:
-                try:
-                    await self._call(worker, worker.actor.abort.remote(worker_id))
-                except PdserveError as e:
-                    log.warning("abort of %s on %s: %s", worker_id, worker.name, e.message)
 
     # --- reports from the workers ---------------------------------------------------------------
     def _deliver(self, worker: WorkerHandle, report: WorkerReport) -> None:

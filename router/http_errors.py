@@ -2,10 +2,13 @@
 
 `BodyGuard` checks the API key and the body's size before anything parses the body: a declared
 Content-Length over the limit is refused at once; a chunked body is counted as it arrives and refused
-as soon as it passes the limit (the guard buffers at most `max_request_bytes`).
+as soon as it passes the limit (the guard buffers at most `max_request_bytes`). A body must arrive whole
+within `body_timeout_s` of the request's start (408 otherwise): a client that sends it slowly, or never
+finishes it, does not hold its connection and buffer for ever.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi.responses import JSONResponse
@@ -76,8 +79,9 @@ def _param(loc: tuple) -> str:
 class BodyGuard:
     """ASGI middleware: 401 without the API key on `/v1/` routes, 413 for a body over the limit."""
 
-    def __init__(self, app, *, api_key: str | None, max_request_bytes: int, metrics: Metrics):
+    def __init__(self, app, *, api_key: str | None, max_request_bytes: int, body_timeout_s: float, metrics: Metrics):
         self.app, self.api_key, self.max_request_bytes, self.metrics = app, api_key, max_request_bytes, metrics
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,7 +92,11 @@ class BodyGuard:
             body, error = await self._read_body(receive)
         if error is not None:
             self.metrics.error(error.code)
-            return await error.response()(scope, receive, send)
+            response = error.response()
+            # NOTE: the body is not read (whole): closing is what frees the connection from a client that
+            # would go on sending it (slowly).
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, send)
         if body is None:  # the client left while sending
             return None
         return await self.app(scope, _replay(body, receive), send)
@@ -110,6 +118,14 @@ class BodyGuard:
         return None
 
     async def _read_body(self, receive) -> tuple[bytes | None, ApiError | None]:
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_chunks(receive)
+        except TimeoutError:
+            return None, ApiError(408, f"The request body did not arrive within {self.body_timeout_s:g} s "
+                                       "(limits.request_body_timeout_s)", code="request_timeout")
+
+    async def _read_chunks(self, receive) -> tuple[bytes | None, ApiError | None]:
         chunks, size = [], 0
         while True:
             message = await receive()

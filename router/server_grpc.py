@@ -8,7 +8,8 @@
 - Server reflection lists Generation, Health and itself.
 - With an API key, Generation's methods need metadata `authorization: Bearer <key>`
   (UNAUTHENTICATED otherwise); health and reflection stay open, as load balancers and tools expect.
-- Requests over `max_request_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED).
+- Requests over `max_request_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED); bytes that do not
+  parse as the method's request message (truncated, invalid UTF-8 in a string) get INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hmac
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +39,32 @@ async def _abort_with(context: grpc.aio.ServicerContext, err: PdserveError):
     await context.abort(grpc.StatusCode[err.code.grpc_name], err.message)
 
 
+class Malformed:
+    """A request whose bytes did not parse; its handler answers INVALID_ARGUMENT with `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _lenient(message_type):
+    """A request deserializer that hands bytes which do not parse to the handler as `Malformed`.
+
+    NOTE: gRPC answers a deserializer's exception with UNKNOWN, which reads as the server's fault.
+    """
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Malformed(f"malformed {message_type.DESCRIPTOR.full_name}: {e}")
+
+    return parse
+
+
+async def _refuse_malformed(request, context: grpc.aio.ServicerContext):
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     """pdserve.v1.Generation: converts, calls the core, streams back."""
 
@@ -45,6 +73,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.default_max_tokens = default_max_tokens
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await _refuse_malformed(request, context)
         try:
             generate_input = grpc_convert.to_generate_input(request, self.default_max_tokens)
         except PdserveError as err:
@@ -67,12 +96,30 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await _abort_with(context, failure)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        await _refuse_malformed(request, context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
         return pb.AbortResponse(aborted=await self.core.abort(request.request_id))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await _refuse_malformed(request, context)
         return grpc_convert.to_model_info(self.core.model_info())
+
+
+def _add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """As the generated `add_GenerationServicer_to_server`, with lenient request deserializers."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Abort": grpc.unary_unary_rpc_method_handler(
+            servicer.Abort, request_deserializer=_lenient(pb.AbortRequest),
+            response_serializer=pb.AbortResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_lenient(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -184,7 +231,7 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(core, default_max_tokens), server)
+    _add_generation_service(GenerationServicer(core, default_max_tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -41,17 +41,19 @@ log = logging.getLogger(__name__)
 
 
 def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes: int = 1 << 20,
-              metrics: Metrics | None = None, default_max_tokens: int | None = None) -> FastAPI:
+              body_timeout_s: float = 30.0, metrics: Metrics | None = None,
+              default_max_tokens: int | None = None) -> FastAPI:
     """The HTTP API over `core`.
 
     `api_key`: when set, every `/v1/` route wants `Authorization: Bearer <api_key>` (401 otherwise);
     `/health` and `/metrics` stay open. `max_request_bytes`: larger bodies get 413 before any parsing,
-    chunked ones included. `default_max_tokens`: a chat request's `max_tokens` when it gives none
-    (None: the model's context length).
+    chunked ones included; a body not whole within `body_timeout_s` gets 408. `default_max_tokens`: a chat
+    request's `max_tokens` when it gives none (None: the model's context length).
     """
     metrics = metrics or Metrics()
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
+    app.add_middleware(BodyGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s, metrics=metrics)
     _add_error_handlers(app, metrics)
 
     @app.post("/v1/chat/completions")
@@ -266,6 +268,10 @@ async def start_http_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0
     """Serve `app` on `host:port` from the running event loop; returns once it accepts connections.
     Binding errors (port in use) raise OSError here."""
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # NOTE: asyncio turns Nagle's algorithm off only on sockets made with proto IPPROTO_TCP, which this one (proto
+    # 0) is not; the connections accepted from it inherit the option. With Nagle on, a response's body waits for
+    # the client's delayed ACK of its head: 40 ms on every answer but a connection's first.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

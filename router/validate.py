@@ -7,6 +7,8 @@ from pdserve.errors import InvalidRequestError
 from pdserve.router.frontend import GenerateInput
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+# Every stop string is searched for at every new token, on the router's loop: their number is bounded.
+MAX_STOP_STRINGS = 64
 
 
 def prompt_ids(tokenizer: Tokenizer, request: GenerateInput) -> list[int]:
@@ -42,6 +44,8 @@ def check_request(prompt: list[int], request: GenerateInput, limits: LimitsConfi
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
     if request.params.max_tokens > limits.max_tokens:
         raise InvalidRequestError(f"max_tokens must be <= {limits.max_tokens} (limits.max_tokens), "
                                   f"got {request.params.max_tokens}")

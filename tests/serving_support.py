@@ -42,10 +42,12 @@ def greedy_reference(path: str, prompts: list[list[int]], max_tokens: int) -> li
 
 
 def tiny_config(model: str, **overrides):
-    """A CPU deployment of the tiny model: small budgets so prompts are chunked and pools are small."""
+    """A CPU deployment of the tiny model: small budgets so prompts are chunked and pools are small. A
+    `kv_transfer` override is merged into the base's section."""
     base = dict(model=model, device="cpu", dtype="float32", max_num_batched_tokens=32, max_num_seqs=16,
                 num_kv_blocks=128, block_size=16, kv_transfer={"timeout_s": 10.0}, rank_timeout_s=30.0,
                 router={"host": "127.0.0.1", "grpc_port": 0, "http_port": 0})
+    overrides["kv_transfer"] = {**base["kv_transfer"], **overrides.get("kv_transfer", {})}
     return load_config(None, **{**base, **overrides})
 
 

@@ -40,8 +40,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="module", params=["disaggregated", "colocated"])
 def server(request, ray_cluster, path):
-    gloo = {"kv_transfer": {"transport": "gloo"}}
-    deployment = gloo if request.param == "disaggregated" else {"disaggregated": False}
+    disaggregated = request.param == "disaggregated"
+    deployment = {"kv_transfer": {"transport": "gloo"}} if disaggregated else {"disaggregated": False}
     router = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "api_key": API_KEY}
     with ServerThread(tiny_config(path, router=router, limits=LIMITS, num_kv_blocks=NUM_BLOCKS,
                                   **deployment)) as server:
@@ -91,6 +91,16 @@ def test_disconnect_mid_stream_frees_blocks_and_others_go_on(server, prompts, ex
     key = ("pdserve_requests_total", (("finish_reason", "length"),))
     assert after[key] - before.get(key, 0) == len(prompts)
     assert server.router.streams == {}
+
+
+def test_disconnect_before_a_whole_response_aborts_it(server, prompts):
+    url = server.http_url
+    before = metric_samples(url)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long non-streamed answer
+        httpx.post(url + "/v1/completions", json=greedy_body(prompts[1], 400), headers=HEADERS, timeout=0.5)
+    assert pools_full(server) == []
+    key = ("pdserve_requests_total", (("finish_reason", "length"),))
+    assert metric_samples(url).get(key, 0) == before.get(key, 0) and server.router.streams == {}
 
 
 def _bad_requests(max_prompt: int):

@@ -23,7 +23,7 @@ from pdserve.router.client import RemoteError, generate_text
 
 @pytest.fixture(scope="module")
 def gloo_server(path):
-    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo", "timeout_s": 10.0},
+    with ServerThread(tiny_config(path, kv_transfer={"transport": "gloo"},
                                   router={"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "api_key": None},
                                   limits={"max_concurrent_requests": 40, "max_queued_requests": 8,
                                           "max_prompt_tokens": 200})) as server:

@@ -15,11 +15,13 @@ from pdserve.router.client import RemoteError
 
 
 @pytest.mark.parametrize("overrides", [
-    {"kv_transfer": {"transport": "grpc", "timeout_s": 10.0}},
+    {"kv_transfer": {"transport": "grpc"}},
     {"disaggregated": False},
     {"api_key": "secret"},
-    {"kv_transfer": {"transport": "gloo"}, "prefill": {"count": 1, "tp_size": 1}, "decode": {"count": 1, "tp_size": 2}},
-    {"kv_transfer": {"transport": "grpc"}, "prefill": {"count": 1, "tp_size": 2}, "decode": {"count": 1, "tp_size": 1}},
+    {"kv_transfer": {"transport": "gloo"},
+     "prefill": {"count": 1, "tp_size": 1}, "decode": {"count": 1, "tp_size": 2}},
+    {"kv_transfer": {"transport": "grpc"},
+     "prefill": {"count": 1, "tp_size": 2}, "decode": {"count": 1, "tp_size": 1}},
 ], ids=["grpc-transport", "colocated", "api-key", "prefill-tp1-decode-tp2", "prefill-tp2-decode-tp1"])
 def test_other_deployments_equal_transformers(path, prompts, expected, overrides):
     api_key = overrides.pop("api_key", None)

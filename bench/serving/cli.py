@@ -1,6 +1,7 @@
 """`pdserve bench serve|compare|overhead`: the sub-commands, their arguments and handlers.
 
-`add_bench_parser(sub)` is all `pdserve.cli` calls; everything heavy is imported when a command runs.
+`add_bench_parser(sub)` is all `pdserve.cli` calls (through the `pdserve.commands` entry point in pyproject.toml);
+everything heavy is imported when a command runs.
 """
 from __future__ import annotations
 
