@@ -32,7 +32,7 @@ class HttpCase:
 
 def valid_body(rng: random.Random, path: str) -> dict:
     """A small well-formed request for `path` (the fuzz breaks it)."""
-    body = {"max_tokens": rng.randint(1, 4), "temperature": 0.0}
+    body = {"max_tokens": rng.randint(1, 4), "temperature": 0.0, "stream": rng.random() < 0.3}
     if path == CHAT:
         return {**body, "messages": [{"role": "user", "content": "hi"}]}
     return {**body, "prompt": rng.choice(["hello", [5, 6, 7]])}

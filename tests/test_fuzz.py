@@ -174,6 +174,16 @@ def test_slow_bodies_get_408_and_hold_no_one(server, prompts, expected):
     assert pools_full(server) == []
 
 
+@pytest.mark.parametrize("method, response", [("Abort", pb.AbortResponse), ("GetModelInfo", pb.ModelInfo)])
+def test_unparsable_bytes_to_the_unary_methods_are_invalid_argument(server, method, response):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = channel.unary_unary(f"/pdserve.v1.Generation/{method}", response_deserializer=response.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\x0a\x7fab", metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("malformed pdserve.v1.")
+
+
 RAISING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
                     "{{ raise_exception('System message must be first') }}{% endif %}{{ m['content'] }}{% endfor %}")
 
