@@ -7,8 +7,9 @@ time runs from the sender's `start_send` (its KV already written: `save_kv` foll
 receiver's DONE (`TransferResult.finished_at`), on one monotonic clock (shared by every process of a
 host); "from ready" rows start it at `save_kv` of a transfer started `--prefill-lead-ms` ahead, as a prefill
 worker starts one when its prefill begins. The copy kernel alone (no IPC, no protocol) is timed beside,
-and one traced 4k transfer's timeline is printed at the end. Block ids are random and non-contiguous on both sides; a checksum of source and destination blocks
-is compared once per size and SM share. Every wait is bounded (`--stage-timeout`).
+and one traced 4k transfer's timeline is printed at the end. Block ids are random and non-contiguous on
+both sides; a checksum of source and destination blocks is compared once per size and SM share. Every
+wait is bounded (`--stage-timeout`).
 """
 from __future__ import annotations
 
