@@ -6,6 +6,7 @@ gRPC transport's GB/s on the same host. `--device cpu` is a tiny smoke run over 
 other staging configurations at 4k and 16k tokens (NCCL only), one table row each.
 
     python -m pdserve.bench.kv_transfer --out results/ [--sizes 1024,4096] [--skip-grpc] [--sweep]
+    python -m pdserve.bench.kv_transfer --transport ipc --out results/   # one GPU: bench/kv_ipc.py
 
 Observable and bounded: each process prints a progress line to stderr at every stage, every stage has a
 deadline (a stage that overruns raises an error naming it, or, if a call cannot be interrupted, ends the
@@ -45,6 +46,10 @@ def _ints(text: str) -> list[int]:
 def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--transport", choices=["nccl", "ipc"], default="nccl",
+                   help="ipc: one GPU, the IPC transport against a device copy (bench/kv_ipc.py)")
+    p.add_argument("--ipc-sm-fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 1.0],
+                   help="ipc: the copy_sm_fraction values to time, one row each")
     p.add_argument("--sizes", "--tokens", dest="sizes", type=_ints, default=None,
                    help="prompt lengths in tokens, e.g. 1024,4096 (default 1024,4096,16384; cpu: 256,1024)")
     p.add_argument("--iters", type=int, default=10)
@@ -199,7 +204,12 @@ def worker(rank: int, args, pipes, roles=(sender_main, receiver_main)) -> None:
 
 
 def main(argv=None) -> None:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.transport == "ipc":
+        from pdserve.bench import kv_ipc
+        kv_ipc.run(args)
+        return
+    run(args)
 
 
 def run(args: argparse.Namespace, roles=(sender_main, receiver_main)) -> None:

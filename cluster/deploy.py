@@ -114,7 +114,7 @@ class Deployment:
     def _create(self, role: str, pool: PoolConfig, index: int, destinations: list) -> _Gang:
         """A worker: rank 0 (the worker actor) and, under TP, ranks > 0 in the same placement group."""
         name, n = f"{role}-{index}", pool.tp_size
-        gpus = 1 if wants_cuda(self.config) else 0
+        gpus = (pool.num_gpus or 1) if wants_cuda(self.config) else 0
         bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {}), **pool.resources}
         pg = placement_group([bundle] * n, strategy="STRICT_PACK")
         self.groups.append(pg)

@@ -1,4 +1,5 @@
-"""A worker rank's KV transfer end (sender or receiver) over its slice of the cache, from the deployment."""
+"""A worker rank's KV transfer end (sender or receiver) over its slice of the cache, from the deployment's
+`kv_transfer:` section."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,17 @@ def make_transfer_config(config: DeploymentConfig) -> TransferConfig:
                                **{k: v for k, v in cpu.items() if k not in section.model_fields_set})
 
 
-def transport_kind(config: DeploymentConfig) -> TransportKind:
-    """`auto`: torch.distributed (NCCL between GPUs, gloo on CPU); `grpc` where asked."""
-    return TransportKind.GRPC if config.kv_transfer.transport == "grpc" else TransportKind.TORCH
+def transport_kinds(config: DeploymentConfig) -> tuple[TransportKind, ...]:
+    """What a receiving rank listens on, in order of preference; each sender takes the first it reaches
+    (kv_transfer.place.choose, at the handshake). `auto` on CUDA: IPC, then NCCL; on CPU: gloo."""
+    transport = config.kv_transfer.transport
+    if transport == "grpc":
+        return (TransportKind.GRPC,)
+    if transport == "ipc":
+        return (TransportKind.IPC,)
+    if transport == "auto" and wants_cuda(config):
+        return (TransportKind.IPC, TransportKind.TORCH)
+    return (TransportKind.TORCH,)
 
 
 def _layout(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int):
@@ -43,5 +52,5 @@ def make_sender(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: 
 def make_receiver(kv_cache: torch.Tensor, config: DeploymentConfig, num_kv_heads: int, size: int, rank: int,
                   release) -> KVReceiver:
     return KVReceiver(_layout(kv_cache, config, num_kv_heads, size, rank), kv_cache, release,
-                      transport_kind(config), host=ray.util.get_node_ip_address(),
+                      transport_kinds(config), host=ray.util.get_node_ip_address(),
                       config=make_transfer_config(config))

@@ -87,6 +87,8 @@ class LLMEngine:
         self.kv_saver: KVSaver | None = None
         self.held: dict[str, Request] = {}
         self.reserved: dict[str, Request] = {}
+        # live requests whose transfer ended before their step was read (see release)
+        self._release_when_done: set[str] = set()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, hold_blocks: bool = False) -> str:
@@ -110,10 +112,16 @@ class LLMEngine:
 
     # --- prefill side: delayed free ---------------------------------------------------------------
     def release(self, request_id: str) -> None:
-        """A held request's transfer ended (or never started): its blocks go back to the pool."""
+        """A held request's transfer ended (or never started): its blocks go back to the pool.
+
+        NOTE: a transfer may end before its request is held: under asynchronous scheduling a step's tokens
+        are read one step later, and a transfer written straight into the receiver's cache (IPC) can end
+        within that step. Such a request frees its blocks as soon as it finishes, instead of being held."""
         req = self.held.pop(request_id, None)
         if req is not None:
             self.kv.free(req)
+        elif request_id in self.requests:
+            self._release_when_done.add(request_id)
 
     # --- decode side: reservations (leases) -------------------------------------------------------
     def can_reserve(self, num_tokens: int) -> bool:
@@ -167,7 +175,10 @@ class LLMEngine:
             self._hold(req)
 
     def _hold(self, req: Request) -> None:
-        if req.hold_blocks and req.block_table:
+        if req.request_id in self._release_when_done:
+            self._release_when_done.discard(req.request_id)
+            self.kv.free(req)
+        elif req.hold_blocks and req.block_table:
             self.held[req.request_id] = req
 
     def has_unfinished(self) -> bool:

@@ -74,12 +74,18 @@ class ModelRunner:
         if self.device.type == "cpu":
             return self._check_fits(max(1, int(self.config.cpu_kv_cache_gib * 2**30) // self.block_bytes()),
                                     "cpu_kv_cache_gib")
+        activations = self._profile_activation_bytes()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.gpu_memory_utilization - (total - free) - self._profile_activation_bytes()
+        # NOTE: this process's own usage (what its allocator holds: weights, buffers), not total - free:
+        # another worker may share the GPU (one-GPU disaggregation) and holds its own share. Never more than
+        # what is free now, whatever the share says.
+        used = torch.cuda.memory_reserved(self.device)
+        budget = min(total * self.config.gpu_memory_utilization - used, free) - activations
         if budget < self.block_bytes():
             raise ConfigError(
                 f"gpu_memory_utilization: {self.config.gpu_memory_utilization} leaves no room for the KV cache "
-                f"after weights and activations ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f})"
+                f"after weights and activations ({used / 2**30:.1f} GiB used by this worker, "
+                f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f})"
             )
         return int(budget // self.block_bytes()) - 1  # one block is the CUDA-graph scratch block
 

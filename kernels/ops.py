@@ -10,6 +10,8 @@ from pdserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from pdserve.kernels.attention_decode import paged_decode_attention_ref, paged_decode_attention_triton
 from pdserve.kernels.attention_prefill import paged_prefill_attention_ref, paged_prefill_attention_triton
 from pdserve.kernels.block_copy import (
+    copy_blocks_ref,
+    copy_blocks_triton,
     gather_blocks_into_ref,
     gather_blocks_into_triton,
     gather_blocks_ref,
@@ -47,6 +49,7 @@ silu_and_mul = _by_device(silu_and_mul_triton, silu_and_mul_ref)
 gather_blocks = _by_device(gather_blocks_triton, gather_blocks_ref)
 gather_blocks_into = _by_device(gather_blocks_into_triton, gather_blocks_into_ref)
 scatter_blocks = _by_device(scatter_blocks_triton, scatter_blocks_ref)
+copy_blocks = _by_device(copy_blocks_triton, copy_blocks_ref)
 
 
 
@@ -60,7 +63,7 @@ def linear_silu_and_mul(x, weight):
 
 
 __all__ = [
-    "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "linear_silu_and_mul",
+    "copy_blocks", "fused_add_rms_norm", "gather_blocks", "gather_blocks_into", "linear", "linear_silu_and_mul",
     "paged_decode_attention",
     "paged_prefill_attention", "rms_norm", "rope_store_kv", "scatter_blocks", "silu_and_mul", "store_kv",
 ]

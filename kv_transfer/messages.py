@@ -28,15 +28,31 @@ class TransferState(enum.Enum):
 class TransportKind(enum.Enum):
     TORCH = "torch"  # torch.distributed: nccl for CUDA caches, gloo for CPU caches
     GRPC = "grpc"
+    IPC = "ipc"  # same node: the sender writes into the receiver's cache, mapped through CUDA IPC
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank runs: its node, and its GPU (None on CPU). Compared, never parsed."""
+
+    node: str  # the host's name and boot id: equal only for processes of one running host
+    gpu: str | None = None  # the GPU's UUID
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one receiving rank listens. The kind says how to reach it; nothing is parsed from strings."""
+    """Where one receiving rank listens. The kind says how to reach it; nothing is parsed from strings.
+
+    `place` says where the receiving rank runs, so that a sender can tell whether it reaches this kind
+    (IPC needs the same node and a GPU it can write); `fallback` is the same rank's endpoint of the next
+    kind to try when it cannot (`transport: auto`: IPC, then NCCL).
+    """
 
     kind: TransportKind
     host: str
     port: int
+    place: Place | None = None
+    fallback: Endpoint | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pdserve.kernels import ops
 from pdserve.kv_transfer.graphs import capture
 from pdserve.kv_transfer.layout import SendSlice, message_shape
 from pdserve.kv_transfer.messages import HEADER_LEN, Endpoint, TransferHeader, TransportKind, message_plan
+from pdserve.kv_transfer.place import choose
 from pdserve.kv_transfer.staging import device_index
 from pdserve.kv_transfer.transport import Link, open_link
 
@@ -24,6 +25,7 @@ class PairWorker:
 
     def __init__(self, sender, endpoint: Endpoint, dst_rank: int, dst_tp_size: int):
         self.sender, self.endpoint = sender, endpoint
+        self._kind: TransportKind | None = None  # of the endpoint the link was made to (see _ensure_link)
         self.dst_rank, self.dst_tp_size = dst_rank, dst_tp_size
         self._queue: collections.deque = collections.deque()  # (Outgoing, SendSlice)
         self._cond = threading.Condition()
@@ -103,7 +105,7 @@ class PairWorker:
         for attempt in range(2):
             link = self._ensure_link(out.transfer_id, out.deadline)
             tr.mark("link ready")
-            num_bytes, done = self._post(out, part, link)
+            num_bytes, done = (self._post_direct if link.direct else self._post)(out, part, link)
             if not link.check_after_posting:
                 break
             is_open = attempt or link.is_open()
@@ -127,7 +129,7 @@ class PairWorker:
         num_heads = part.heads[1] - part.heads[0]
         lpm, bpm = message_shape(layout, len(out.block_ids), num_heads, sender.staging.buffer_bytes)
         unit = 2 * num_heads * layout.block_size * layout.head_dim * layout.torch_dtype.itemsize
-        taper = sender.config.taper_bytes // unit if self.endpoint.kind is TransportKind.TORCH else 0
+        taper = sender.config.taper_bytes // unit if self._kind is TransportKind.TORCH else 0
         header = TransferHeader(out.transfer_id, len(out.block_ids), part.heads, lpm, bpm, max(taper, 0))
         plan = message_plan(layout.num_layers, header)
         tr = out.trace
@@ -174,6 +176,27 @@ class PairWorker:
             finally:
                 sender.staging.release(buf, sent)
             num_bytes += payload.nbytes
+        return num_bytes, None
+
+    def _post_direct(self, out, part: SendSlice, link: Link) -> tuple[int, None]:
+        """A direct link (IPC): announce the transfer, then copy layers into the receiver's blocks as they are
+        saved, all that are saved at once (one copy for a whole send, one per layer while prefill runs), on
+        this worker's stream. flush then waits for the copies and tells the receiver."""
+        layout, sender = self.sender.layout, self.sender
+        n = len(out.block_ids)
+        header = TransferHeader(out.transfer_id, n, part.heads, layout.num_layers, n)
+        link.begin(header, out.deadline, None)
+        out.trace.mark("header posted")
+        _, index = self._stage_ids(header, out.block_ids)  # while the receiver answers with its blocks
+        hs = layout.heads[0]
+        local_heads = (part.heads[0] - hs, part.heads[1] - hs)
+        num_bytes, done = 0, 0
+        while done < layout.num_layers:
+            upto = max(out.layers_ready, done + 1)  # what is saved now, or else the next layer when it is
+            out.wait_layers(done, upto, out.deadline, self._spin_until)
+            num_bytes += link.write((done, upto), sender.kv_cache, index, local_heads, sender.copy_programs)
+            out.trace.mark("copy launched | done", done, gpu=True)
+            done = upto
         return num_bytes, None
 
     def _post_graph(self, out, header: TransferHeader, plan, local_heads, link: Link, header_dev,
@@ -266,7 +289,10 @@ class PairWorker:
         if link is not None and not link.check_after_posting and not link.is_open():
             self._drop_link(graceful=False)  # the receiver tore the pair down: rebuild it
         if self._link is None:
-            link = open_link(self.endpoint, self.sender.kv_cache.device, self.sender.config)
+            # the first kind of the receiver's endpoints that reaches it from here (auto: IPC, else NCCL)
+            endpoint = choose(self.endpoint, self.sender.kv_cache.device)
+            self._kind = endpoint.kind
+            link = open_link(endpoint, self.sender.kv_cache.device, self.sender.config)
             try:
                 remote = link.connect(self.sender.layout, transfer_id, deadline)
             except Exception:

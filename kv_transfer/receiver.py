@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pdserve.errors import TransferError
 from pdserve.kernels import block_copy, ops
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import (
+    Endpoint,
     MessagePart,
     TransferConfig,
     TransferHeader,
@@ -38,7 +40,10 @@ class KVReceiver:
     """
 
     def __init__(self, layout: KVLayout, kv_cache: torch.Tensor, release_blocks: ReleaseBlocks,
-                 transport: TransportKind, host: str = "127.0.0.1", config: TransferConfig | None = None):
+                 transport: TransportKind | tuple[TransportKind, ...], host: str = "127.0.0.1",
+                 config: TransferConfig | None = None):
+        """`transport`: the kind senders use, or several in order of preference (`transport: auto`: IPC for
+        senders that can write into this rank's GPU, NCCL for the others); one ingest listens for each."""
         # kv_cache: [L, 2, num_blocks, H_local, Bs, D]
         self.layout, self.kv_cache, self.config = layout, kv_cache, config or TransferConfig()
         self.stats = TransferStats()
@@ -55,14 +60,18 @@ class KVReceiver:
         self._traced = 0  # traced transfers expected and not finished (pairs then trace their headers)
         # where the pairs' header traces record events: the last traced transfer's (None: host stamps only)
         self._trace_device = None if self.config.trace == "host" else kv_cache.device
-        self._ingest = open_ingest(transport, self, host)
+        kinds = transport if isinstance(transport, tuple) else (transport,)
+        self._ingests = [open_ingest(kind, self, host) for kind in kinds]
         self._watchdog = threading.Thread(target=self._watch, name="kv-recv-watchdog", daemon=True)
         self._watchdog.start()
 
     @property
-    def endpoint(self):
-        """Where senders reach this rank (an Endpoint)."""
-        return self._ingest.endpoint
+    def endpoint(self) -> Endpoint:
+        """Where senders reach this rank: the first kind's endpoint, each next kind's as its fallback."""
+        endpoint = None
+        for ingest in reversed(self._ingests):
+            endpoint = dataclasses.replace(ingest.endpoint, fallback=endpoint)
+        return endpoint
 
     # ---- scheduler-facing ----------------------------------------------------------------------------
     def expect(self, transfer_id: int, block_ids: list[int], timeout_s: float | None = None,
@@ -139,7 +148,8 @@ class KVReceiver:
 
     def close(self) -> None:
         self._closed.set()
-        self._ingest.close()
+        for ingest in self._ingests:
+            ingest.close()
         with self._lock:
             active = list(self._book.active.values())
         for inc in active:
@@ -235,6 +245,20 @@ class KVReceiver:
             inc.state = TransferState.DONE
         self._finish(inc, TransferState.DONE, None)
 
+    def hold(self, inc: Incoming) -> None:
+        """Direct transports: a sender may write the transfer's blocks from now on. They stay out of the pool,
+        even if the transfer fails, until the transport hands them back (`inc.launching -= 1`, under
+        `inc.lock`) once that sender's writes are over; TransferError if the transfer already ended."""
+        with inc.lock:
+            if inc.state.finished:
+                raise TransferError(f"transfer {inc.transfer_id} already ended")
+            inc.state = TransferState.TRANSFERRING
+            inc.launching += 1
+
+    def fail_part(self, inc: Incoming, reason: str) -> None:
+        """A sender gave up its part of the transfer: it fails now rather than at its deadline."""
+        self._fail(inc, reason)
+
     def conn_lost(self, conn_id: int, reason: str) -> None:
         """A pair broke: the transfers it was delivering cannot complete."""
         with self._lock:
@@ -250,8 +274,9 @@ class KVReceiver:
             inc.state = TransferState.FAILED
         # The caller learns first; tearing the pairs down may take longer (an NCCL abort).
         self._finish(inc, TransferState.FAILED, reason)
-        for conn_id in inc.conns:
-            self._ingest.drop_conn(conn_id)
+        for conn_id in inc.conns:  # pair ids are unique across this receiver's ingests
+            for ingest in self._ingests:
+                ingest.drop_conn(conn_id)
         if not inc.scatters_done():
             with self._lock:
                 self._quarantine.append(inc)

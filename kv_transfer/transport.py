@@ -4,7 +4,8 @@ A transport moves one sending rank's staged messages to one receiving rank. The 
 (one per pair, owned by the sender's pair worker: connect, then per transfer a header and its messages); the
 receiving half is an `Ingest` (one per receiving rank, owned by KVReceiver: it accepts pairs and hands each
 message to the receiver's `open_part` / `scatter` / `landed`). Implementations: torch.distributed (NCCL for
-CUDA caches, gloo for CPU ones; torch_dist.py, torch_ingest.py) and gRPC (grpc_transport.py).
+CUDA caches, gloo for CPU ones; torch_dist.py, torch_ingest.py), gRPC (grpc_transport.py), and IPC (ipc.py:
+a *direct* link, which writes the receiver's blocks itself instead of sending staged messages).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ class Link(abc.ABC):
     check_after_posting: bool = False
     # CUDA graphs of whole transfers on this pair (TransferConfig.cuda_graphs); None where unsupported.
     graphs: GraphCache | None = None
+    # True: the link writes into the receiver's cache itself (`write`): no staging, no messages. A transfer
+    # is then begin, a write per group of saved layers, flush.
+    direct: bool = False
 
     @property
     def completion_stream(self) -> torch.cuda.Stream | None:
@@ -48,6 +52,12 @@ class Link(abc.ABC):
              deadline: float) -> torch.cuda.Event | None:
         """Post one message (`payload`: [nbytes] uint8, a view of a staging buffer); returns (CUDA) the event
         after which `payload` may be overwritten, None when it may be at once."""
+
+    def write(self, layers: tuple[int, int], src_cache: torch.Tensor, src_index: torch.Tensor,
+              src_heads: tuple[int, int], num_programs: int | None) -> int:
+        """Direct links: enqueue (current stream) the copy of these layers of the begun transfer's blocks
+        (`src_index` into `src_cache`, this rank's local heads `src_heads`) into the receiver's; the bytes."""
+        raise NotImplementedError(f"{type(self).__name__} sends staged messages")
 
     @abc.abstractmethod
     def flush(self, deadline: float, after: torch.cuda.Event | None = None) -> None:
@@ -73,7 +83,11 @@ class Ingest(abc.ABC):
 
 
 def open_link(endpoint: Endpoint, device: torch.device, config: TransferConfig) -> Link:
-    """A new, unconnected link to the receiving rank at `endpoint`, of the endpoint's kind."""
+    """A new, unconnected link to the receiving rank at `endpoint`, of the endpoint's kind (an endpoint
+    chosen with place.choose: one this rank reaches)."""
+    if endpoint.kind is TransportKind.IPC:
+        from pdserve.kv_transfer.ipc import IpcLink
+        return IpcLink(endpoint, device, config)
     if endpoint.kind is TransportKind.TORCH:
         from pdserve.kv_transfer.torch_dist import TorchDistLink
         return TorchDistLink(endpoint.host, endpoint.port, device, config)
@@ -83,6 +97,9 @@ def open_link(endpoint: Endpoint, device: torch.device, config: TransferConfig) 
 
 def open_ingest(kind: TransportKind, receiver, host: str) -> Ingest:
     """The receiving end of `kind` for `receiver` (a KVReceiver), listening on `host`."""
+    if kind is TransportKind.IPC:
+        from pdserve.kv_transfer.ipc import IpcIngest
+        return IpcIngest(receiver, host)
     if kind is TransportKind.TORCH:
         from pdserve.kv_transfer.torch_ingest import TorchDistIngest
         return TorchDistIngest(receiver, host)

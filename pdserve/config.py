@@ -39,6 +39,9 @@ class PoolConfig(_Strict):
     tp_size: int = Field(1, ge=1)  # which sizes a model can run is checked against its heads (pdserve.validate)
     # Ray custom resources each worker's placement asks for: pins the pool to nodes started with them.
     resources: dict[str, float] = {}
+    # GPUs per rank (a fraction shares a GPU: prefill and decode on one card, each with its own share of the
+    # memory through gpu_memory_utilization); None: 1 on CUDA, none on CPU.
+    num_gpus: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class RouterConfig(_Strict):
@@ -72,7 +75,9 @@ class KVTransferConfig(_Strict):
     is the field of the same name of `pdserve.kv_transfer.TransferConfig` (the meaning of each is told
     there), with the same default: the measured best (docs/benchmarks.md)."""
 
-    transport: Literal["auto", "nccl", "gloo", "grpc"] = "auto"
+    # auto: IPC where the sender reaches the receiver's GPU (same node: same GPU, or peer access), else NCCL
+    # (torch.distributed; gloo on CPU); grpc anywhere. A kind named here is used as is.
+    transport: Literal["auto", "ipc", "nccl", "gloo", "grpc"] = "auto"
     timeout_s: float = Field(30.0, gt=0.0)
     connect_timeout_s: float = Field(20.0, gt=0.0)
     idle_timeout_s: float = Field(60.0, gt=0.0)

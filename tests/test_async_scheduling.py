@@ -143,3 +143,23 @@ def test_length_limit_is_not_scheduled_past(tiny_checkpoints, max_tokens):
     assert sum(len(o.new_token_ids) for o in outs) == max_tokens
     assert rows == max_tokens  # the prompt's step, then one decode row per further token
     assert_pool_full(engine)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_transfer_that_ends_before_its_step_is_read_still_frees_the_blocks(tiny_checkpoints, early):
+    """Prefill side, asynchronous scheduling: a held request's transfer may end (release) while its step is
+    still in flight, before the engine holds it; its blocks go back once it finishes, not never."""
+    engine = make_engine(tiny_checkpoints["llama-gqa-untied"], async_scheduling=True)
+    rid = engine.add_request(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1), hold_blocks=True)
+    assert engine.step() == []  # launched, not read
+    if early:
+        engine.release(rid)  # the transfer ended within the step
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finished for o in outs] == [True]
+    if not early:
+        assert rid in engine.held
+        engine.release(rid)
+    assert not engine.held
+    assert_pool_full(engine)

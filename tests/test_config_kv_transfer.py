@@ -37,7 +37,7 @@ def test_yaml_values_reach_the_transfer_config(tmp_path):
         ({"kv_transfer": {"copy_sm_fraction": 1.5}},
          "kv_transfer.copy_sm_fraction: Input should be less than or equal to 1"),
         ({"kv_transfer": {"transport": "rdma"}},
-         "kv_transfer.transport: Input should be 'auto', 'nccl', 'gloo' or 'grpc'"),
+         "kv_transfer.transport: Input should be 'auto', 'ipc', 'nccl', 'gloo' or 'grpc'"),
         ({"kv_transfer": {"transprt": "grpc"}}, "kv_transfer.transprt: unknown field"),
         ({"transport": "grpc"}, "transport: unknown field"),  # it lives in the section now
     ],
@@ -49,13 +49,17 @@ def test_bad_section_values_name_the_field(data, expected):
 
 
 def test_workers_take_the_section_with_host_sized_staging_on_cpu():
-    from pdserve.cluster.transfer import CPU_STAGING_BYTES, make_transfer_config, transport_kind
+    from pdserve.cluster.transfer import CPU_STAGING_BYTES, make_transfer_config, transport_kinds
     from pdserve.kv_transfer import TransportKind
 
     config = load_config(None, device="cpu", kv_transfer={"timeout_s": 7.0})
     assert make_transfer_config(config) == TransferConfig(timeout_s=7.0, staging_bytes=CPU_STAGING_BYTES,
                                                           taper_bytes=0)
-    assert transport_kind(config) is TransportKind.TORCH
+    assert transport_kinds(config) == (TransportKind.TORCH,)
     config = load_config(None, device="cpu", kv_transfer={"transport": "grpc", "staging_bytes": 1 << 20})
     assert make_transfer_config(config) == TransferConfig(staging_bytes=1 << 20, taper_bytes=0)
-    assert transport_kind(config) is TransportKind.GRPC
+    assert transport_kinds(config) == (TransportKind.GRPC,)
+    for transport, kinds in [("auto", (TransportKind.IPC, TransportKind.TORCH)), ("ipc", (TransportKind.IPC,)),
+                             ("nccl", (TransportKind.TORCH,))]:
+        config = load_config(None, device="cuda", kv_transfer={"transport": transport})
+        assert transport_kinds(config) == kinds  # auto: each sender takes the first it reaches

@@ -85,3 +85,30 @@ def test_load_kernels_leaves_the_cache_untouched():
     before = kv_cache.clone()
     block_copy.load_kernels(kv_cache)  # works on a scratch block of its own
     assert torch.equal(kv_cache, before)
+
+
+COPY_RANGES = [(None, None, None), ((1, 3), (0, 2), (2, 4)), (None, (2, 3), (0, 1))]
+
+
+def test_copy_ref_moves_only_the_chosen_blocks_and_heads():
+    src, dst = torch.randn(3, 2, 10, 4, 4, 8), torch.zeros(3, 2, 6, 2, 4, 8)
+    src_ids, dst_ids = torch.tensor([7, 2, 9]), torch.tensor([5, 0, 3])
+    block_copy.copy_blocks_ref(src, src_ids, dst, dst_ids, (1, 3), (2, 4), (0, 2))
+    want = torch.zeros_like(dst)
+    for s, d in zip(src_ids.tolist(), dst_ids.tolist(), strict=True):
+        want[1:3, :, d] = src[1:3, :, s, 2:4]
+    assert torch.equal(dst, want)
+
+
+@runs_triton
+@pytest.mark.parametrize("layers,src_heads,dst_heads", COPY_RANGES)
+@pytest.mark.parametrize("num_programs", [None, 3])
+def test_copy_triton(layers, src_heads, dst_heads, num_programs, poisoned):
+    src = torch.randn(3, 2, 10, 4, 4, 8, dtype=torch.bfloat16, device=DEVICE)
+    dst = torch.full((3, 2, 7, 4, 4, 8), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    dst_ref = dst.clone()
+    src_ids = torch.tensor([9, 1, 4, 6], device=DEVICE)
+    dst_ids = torch.tensor([2, 6, 0, 3], device=DEVICE)
+    block_copy.copy_blocks_triton(src, src_ids, dst, dst_ids, layers, src_heads, dst_heads, num_programs)
+    block_copy.copy_blocks_ref(src, src_ids, dst_ref, dst_ids, layers, src_heads, dst_heads)
+    assert torch.equal(dst.nan_to_num(7.0), dst_ref.nan_to_num(7.0))
