@@ -56,3 +56,14 @@ def test_streamed_completion_usage_matches_the_tokens(server, client):
     assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
         prompt_tokens, len(tokens), prompt_tokens + len(tokens))
     assert len(tokens) == 8 or deltas[-1].choices[0].finish_reason == "stop"
+
+
+def test_generate_url_chat_names_paris(server):
+    """The README's second terminal: `pdserve generate --url HOST:PORT --chat ...` over the gRPC API."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--url", server.grpc_address, "--chat",
+                          "What is the capital of France?"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
