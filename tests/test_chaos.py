@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 import ray
 from serving_support import GREEDY, Background, pools_full, tiny_config
@@ -28,6 +29,13 @@ def reference(path, prompts):
 def _config(path, **overrides):
     return tiny_config(path, kv_transfer=FAST_FAILING, rank_timeout_s=20.0,
                        prefill={"count": 2, "tp_size": 1}, decode={"count": 2, "tp_size": 1}, **overrides)
+
+
+def _kill_worker(pid: int) -> None:
+    """kill -9 a worker's process, after checking that it is one (a Ray actor's, not this test's)."""
+    proc = psutil.Process(pid)
+    assert pid not in (os.getpid(), os.getppid()) and proc.name().startswith("ray::"), (pid, proc.name())
+    proc.send_signal(signal.SIGKILL)
 
 
 def _load(server, prompts):
@@ -59,7 +67,7 @@ def test_killing_a_worker_loses_no_request(path, prompts, reference, role):
         runs = _load(server, prompts)
         _wait_streaming(runs, 1 if role == "prefill" else 5)
         victim = next(w for w in server.router.workers if w.role == role and w.healthy)
-        os.kill(victim.info.pid, signal.SIGKILL)
+        _kill_worker(victim.info.pid)
         killed_at = time.monotonic()
         for r in runs:
             r.join(120)
@@ -80,7 +88,7 @@ def test_single_decode_worker_killed_ends_requests_within_5s(path, prompts):
         runs = _load(server, prompts)
         _wait_streaming(runs, 5)
         [decode] = [w for w in server.router.workers if w.role == "decode"]
-        os.kill(decode.info.pid, signal.SIGKILL)
+        _kill_worker(decode.info.pid)
         start = time.monotonic()
         for r in runs:
             r.join(10)
