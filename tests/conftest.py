@@ -92,17 +92,20 @@ def make_engine(model: str, **overrides):
     return LLMEngine(load_config(None, model=model, **{"device": "cpu", "dtype": "float32", **overrides}))
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy `generate`, one prompt at a time (no padding), fp32."""
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
+              ignore_eos: bool = False) -> list[list[int]]:
+    """transformers' own greedy `generate`, one prompt at a time (no padding), fp32; `ignore_eos`: always
+    max_new_tokens (the tiny models' EOS id would otherwise stop it)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = dict(eos_token_id=None, min_new_tokens=max_new_tokens) if ignore_eos else {}
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=0)
+                                 do_sample=False, pad_token_id=0, **eos)
         outs.append(out[0, len(p):].tolist())
     return outs
 
@@ -138,14 +141,14 @@ def poisoned(monkeypatch):
 @pytest.fixture(scope="session")
 def serving_model(tmp_path_factory):
     """The serving tests' tiny model (with a byte tokenizer): (path, prompt ids of TEXTS, greedy reference)."""
-    from serving_support import MAX_TOKENS, TEXTS, greedy_reference, tiny_model
+    from serving_support import MAX_TOKENS, TEXTS, tiny_model
 
     from pdserve.engine.tokenizer import load_tokenizer
 
     path = tiny_model(tmp_path_factory.mktemp("serving") / "tiny")
     tok = load_tokenizer(path)
     prompts = [tok.encode_prompt(t) for t in TEXTS]
-    return path, prompts, greedy_reference(path, prompts, MAX_TOKENS)
+    return path, prompts, hf_greedy(path, prompts, MAX_TOKENS, ignore_eos=True)
 
 
 @pytest.fixture(scope="session")

@@ -25,22 +25,6 @@ def tiny_model(folder) -> str:
     return path
 
 
-def greedy_reference(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """transformers' greedy tokens, EOS ignored (its `generate` would stop at the tiny model's EOS id)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-        outs.append(out[0, len(p):].tolist())
-    return outs
-
-
 def tiny_config(model: str, **overrides):
     """A CPU deployment of the tiny model: small budgets so prompts are chunked and pools are small. A
     `kv_transfer` override is merged into the base's section."""

@@ -21,9 +21,9 @@ LONG = 40  # tokens per stream: long enough that a kill lands mid-stream
 
 @pytest.fixture(scope="module")
 def reference(path, prompts):
-    from serving_support import greedy_reference
+    from conftest import hf_greedy
 
-    return greedy_reference(path, prompts, LONG)
+    return hf_greedy(path, prompts, LONG, ignore_eos=True)
 
 
 def _config(path, **overrides):

@@ -14,8 +14,9 @@ import httpx
 import pytest
 import ray
 from http_serving_support import API_KEY, HEADERS, Stream, complete, greedy_body, metric_samples, token_ids
-from serving_support import MAX_TOKENS, greedy_reference, pools_full, tiny_config
+from serving_support import MAX_TOKENS, pools_full, tiny_config
 
+from conftest import hf_greedy
 from pdserve.cluster.serve import ServerThread
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.status import fetch_status, format_status
@@ -50,7 +51,7 @@ def server(request, ray_cluster, path):
 
 @pytest.fixture(scope="module")
 def expected_long(path, prompts):
-    return greedy_reference(path, prompts, LONG)
+    return hf_greedy(path, prompts, LONG, ignore_eos=True)
 
 
 def test_greedy_completions_equal_transformers(server, path, prompts, expected):
