@@ -12,6 +12,8 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -22,12 +24,15 @@ from pdserve.cluster.tp_rank import TPRank
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.errors import PdserveError, WorkerFailedError
-from pdserve.messages import RequestFailure, TokenOutput, TransferOutcome, WorkerInfo, WorkerLoad, WorkerReport
+from pdserve.messages import (RequestFailure, StepTiming, TokenOutput, TransferOutcome, WorkerInfo, WorkerLoad,
+                              WorkerReport)
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # longest the loop sleeps with nothing to do (a command wakes it at once)
 BUSY_WAIT_S = 0.001  # while transfers are in flight: how often their state is polled
+STEP_LOG = 65536  # step timings kept for `step_timings` (the newest)
+REPORT_STEPS = 4096  # step timings a report carries at most (the newest)
 
 
 class EngineWorker:
@@ -49,6 +54,8 @@ class EngineWorker:
         self._outputs: dict[str, TokenOutput] = {}
         self._failures: list[RequestFailure] = []
         self._transfers: list[TransferOutcome] = []
+        self._steps: deque[StepTiming] = deque(maxlen=REPORT_STEPS)
+        self.step_log: deque[StepTiming] = deque(maxlen=STEP_LOG)
         self._fatal: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,9 +118,21 @@ class EngineWorker:
                                   timeout_s)
             if self._fatal is not None:
                 raise WorkerFailedError(f"{self.name}: {self._fatal}")
-            report = WorkerReport(list(self._outputs.values()), self._failures, self._transfers, self.load_now())
+            report = WorkerReport(list(self._outputs.values()), self._failures, self._transfers, self.load_now(),
+                                  list(self._steps))
             self._outputs, self._failures, self._transfers = {}, [], []
+            self._steps.clear()
         return report
+
+    def step_timings(self, clear: bool = False) -> list[StepTiming]:
+        """The newest steps' timings (up to STEP_LOG), oldest first; `clear`: start the log afresh."""
+        def take() -> list[StepTiming]:
+            steps = list(self.step_log)
+            if clear:
+                self.step_log.clear()
+            return steps
+
+        return self.call(take)
 
     def abort(self, request_id: str) -> None:
         self.call(lambda: self.on_abort(request_id))
@@ -152,7 +171,11 @@ class EngineWorker:
                 self._run_commands()
                 self.before_step()
                 if self.engine.has_unfinished():
-                    self.emit(self.engine.step())
+                    start = time.perf_counter()
+                    outputs = self.engine.step()
+                    if self.engine.last_step[0]:  # not a step that only read the one in flight
+                        self._timed(StepTiming(time.perf_counter() - start, *self.engine.last_step))
+                    self.emit(outputs)
                 else:
                     self._wake.wait(BUSY_WAIT_S if self.busy() else IDLE_WAIT_S)
                     self._wake.clear()
@@ -161,6 +184,11 @@ class EngineWorker:
             with self._report:
                 self._fatal = f"engine loop failed: {type(e).__name__}: {e}"
                 self._report.notify_all()
+
+    def _timed(self, step: StepTiming) -> None:
+        self.step_log.append(step)
+        with self._report:  # NOTE: no notify: timings ride along with the next report, never wake a poll
+            self._steps.append(step)
 
     def _run_commands(self) -> None:
         while True:

@@ -18,6 +18,7 @@ import ray
 from pdserve.cluster.deploy import Deployment, connect_ray
 from pdserve.config import DeploymentConfig
 from pdserve.engine.model_config import load_model_spec
+from pdserve.engine.model_source import resolve_tokenizer
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.core import Router
 from pdserve.router.metrics import Metrics
@@ -48,7 +49,8 @@ class Server:
             workers = await asyncio.to_thread(self.deployment.start)
             path = self.deployment.model_path
             self.metrics = Metrics()
-            self.router = Router(self.config, load_model_spec(path), load_tokenizer(path), self.config.model,
+            tokenizer = load_tokenizer(resolve_tokenizer(self.config.tokenizer, path))
+            self.router = Router(self.config, load_model_spec(path), tokenizer, self.config.model,
                                  workers, self.metrics)
             self.router.on_worker_died = self._replace_later
             self.router.start()

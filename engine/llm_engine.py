@@ -81,6 +81,7 @@ class LLMEngine:
         self._ids = itertools.count()
         overlap = config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if overlap is None else overlap
+        self.last_step = (0, 0, False)  # (sequences, tokens, decode) `step` launched last time (0 sequences: none)
         self._in_flight: _Launched | None = None
         # Disaggregation seams (docs/architecture.md): the prefill side's KV saver, requests whose blocks
         # outlive them until their transfer ends, and the decode side's reservations awaiting their KV.
@@ -192,6 +193,9 @@ class LLMEngine:
         if prev is not None and self._needs_history():
             outputs, prev = self._resolve(prev), None
         plan = self.scheduler.schedule()
+        # every row one token after an output token: a decode step (a prompt's last 1-token chunk is not)
+        decode = all(n == 1 and (req.output_token_ids or req.num_pending) for req, n in plan.scheduled)
+        self.last_step = (len(plan.scheduled), plan.num_tokens, decode)
         launched = self._launch(plan, prev) if not plan.is_empty else None
         if prev is not None:
             outputs = self._resolve(prev)

@@ -45,6 +45,19 @@ def resolve_model(name_or_path: str) -> Path:
     )
 
 
+def resolve_tokenizer(tokenizer: str | None, model_path: Path) -> Path:
+    """The folder to load the tokenizer from: `tokenizer` (a folder, or the embedded model's name), else the
+    model's own folder."""
+    if tokenizer is None:
+        return model_path
+    if tokenizer == EMBEDDED_MODEL:
+        return embedded_model_dir()
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer: {tokenizer!r} is neither a folder nor the embedded model {EMBEDDED_MODEL!r}")
+    return path
+
+
 def embedded_model_dir() -> Path:
     target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-bf16"
     if not (target / "model.safetensors").is_file():

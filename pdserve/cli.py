@@ -28,6 +28,7 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from pdserve.config import load_config
     from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.model_source import resolve_tokenizer
     from pdserve.engine.tokenizer import load_tokenizer
     from pdserve.errors import InvalidRequestError
 
@@ -40,7 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, seed=args.seed,
     )
     shape = _check_before_start(config, args)
-    tokenizer = load_tokenizer(shape.path)
+    tokenizer = load_tokenizer(resolve_tokenizer(config.tokenizer, shape.path))
     ids = tokenizer.encode_prompt(args.prompt, chat=args.chat)
     max_prompt = config.limits.max_prompt_tokens
     if max_prompt is not None and len(ids) > max_prompt:

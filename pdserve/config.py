@@ -104,6 +104,9 @@ class DeploymentConfig(_Strict):
     """What a user writes in a deployment YAML file; every field has a default."""
 
     model: str = EMBEDDED_MODEL
+    # A folder with the tokenizer's files, or the embedded model's name; None: the model's own folder. For
+    # a model folder without one (dummy weights at a real model's shape), or a tokenizer of one's own.
+    tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
     seed: int = 0  # for dummy weights
@@ -176,8 +179,8 @@ def parse_config(data: object, source: str = "<config>", overrides: dict | None 
 def load_config(path: str | Path | None = None, **overrides: object) -> DeploymentConfig:
     """Load a deployment file (None: the embedded default) and apply the keyword overrides that are not None.
 
-    A relative `model:` path in the file resolves against the file's folder; one given as an override
-    (the command line's `--model`) against the current directory.
+    A relative `model:` or `tokenizer:` path in the file resolves against the file's folder; one given as
+    an override (the command line's `--model`) against the current directory.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if path is None:
@@ -186,6 +189,8 @@ def load_config(path: str | Path | None = None, **overrides: object) -> Deployme
     data = read_yaml(path)
     if isinstance(data, dict):
         data = {**data, "model": resolve_model_path(data.get("model", EMBEDDED_MODEL), path)}
+        if data.get("tokenizer") is not None:
+            data["tokenizer"] = resolve_model_path(data["tokenizer"], path)
     return parse_config(data, str(path), overrides)
 
 

@@ -73,6 +73,21 @@ class TransferOutcome:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """One engine step as the worker's loop timed it: host clock around `LLMEngine.step` (with asynchronous
+    scheduling, in steady state, one step of the device), and the size of the step it launched."""
+
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    decode: bool  # every sequence computed one token after an output token (no prompt tokens in the step)
+
+    @property
+    def phase(self) -> str:
+        return "decode" if self.decode else "prefill"
+
+
+@dataclass(frozen=True)
 class WorkerLoad:
     running: int
     waiting: int  # queued for compute, plus (decode) reservations waiting for their KV
@@ -88,6 +103,7 @@ class WorkerReport:
     failures: list[RequestFailure]
     transfers: list[TransferOutcome]
     load: WorkerLoad
+    steps: list[StepTiming] = field(default_factory=list)  # the steps since the previous report
 
 
 @dataclass(frozen=True)

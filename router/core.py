@@ -242,6 +242,7 @@ class Router:
             for t in report.transfers:
                 if worker.role == "decode":
                     self.metrics.transfer(t.ok, t.num_bytes, t.seconds)
+            self.metrics.steps(worker.role, report.steps)
             load = report.load
             self.metrics.set_worker(worker.role, worker.name, load.running, load.waiting,
                                     load.total_blocks - load.free_blocks, load.total_blocks, load.preemptions)

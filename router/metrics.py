@@ -11,6 +11,8 @@ import contextlib
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pdserve.messages import StepTiming
+
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 # Latency buckets, in seconds: from a cached short prompt on a GPU to a long one queued on a CPU.
@@ -19,6 +21,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.75, 1.0,
                 2.5, 5.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0, 480.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -55,6 +58,10 @@ class Metrics:
                                           registry=r)
         self._transfer_seconds = Histogram("pdserve_kv_transfer_seconds", "Duration of successful KV transfers.",
                                            buckets=_TRANSFER_BUCKETS, registry=r)
+        self._step_seconds = Histogram("pdserve_engine_step_seconds",
+                                       "Duration of an engine step, by the worker's role and the step's phase "
+                                       "(decode: one new token per sequence; prefill: prompt tokens in it).",
+                                       ["role", "phase"], buckets=_STEP_BUCKETS, registry=r)
         self._preemptions = Counter("pdserve_preemptions", "Sequences preempted (freed, to be recomputed).",
                                     registry=r)
         self._preempted: dict[tuple[str, str], int] = {}  # each worker's total at its last report
@@ -88,6 +95,11 @@ class Metrics:
             return
         self._transfer_bytes.inc(num_bytes)
         self._transfer_seconds.observe(seconds)
+
+    def steps(self, role: str, steps: list[StepTiming]):
+        """Engine steps a worker of `role` timed."""
+        for step in steps:
+            self._step_seconds.labels(role, step.phase).observe(step.seconds)
 
     def set_queue_depth(self, n: int):
         self._queue_depth.set(n)

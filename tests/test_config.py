@@ -97,6 +97,20 @@ def test_relative_model_path_resolves_against_the_file(tmp_path, monkeypatch):
     assert load_config(path).model == "SmolLM2-135M-Instruct"
 
 
+def test_tokenizer_names_a_folder_or_the_embedded_model(tmp_path):
+    from pdserve.engine.model_source import resolve_tokenizer
+
+    path = tmp_path / "x.yaml"
+    path.write_text("tokenizer: tok\n")
+    (tmp_path / "tok").mkdir()
+    config = load_config(path)
+    assert config.tokenizer == str(tmp_path / "tok")
+    assert resolve_tokenizer(config.tokenizer, tmp_path / "model") == tmp_path / "tok"
+    assert resolve_tokenizer(None, tmp_path / "model") == tmp_path / "model"  # the model's own folder
+    with pytest.raises(ConfigError, match=r"tokenizer: '/nowhere' is neither a folder nor the embedded model"):
+        resolve_tokenizer("/nowhere", tmp_path)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
         load_config(tmp_path / "nope.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdserve.messages import StepTiming
 from pdserve.router.metrics import Metrics
 
 
@@ -23,6 +24,8 @@ def test_every_call_moves_its_series():
     m.transfer(True, 1 << 20, 0.002)
     m.transfer(False, 0, 1.0)
     m.set_queue_depth(7)
+    m.steps("decode", [StepTiming(0.006, 64, 64, True), StepTiming(0.004, 1, 1, True)])
+    m.steps("prefill", [StepTiming(0.2, 3, 4096, False)])
     m.set_worker("decode", "decode-0", running=3, waiting=1, blocks_used=40, blocks_total=128, preemptions=1)
     s = samples(m)
     assert s[("pdserve_time_to_first_token_seconds_count", ())] == 1
@@ -38,6 +41,10 @@ def test_every_call_moves_its_series():
     assert s[("pdserve_kv_transfer_bytes_total", ())] == 1 << 20
     assert s[("pdserve_kv_transfer_seconds_count", ())] == 1
     assert s[("pdserve_queue_depth", ())] == 7 and s[("pdserve_preemptions_total", ())] == 1
+    decode, prefill = (("phase", "decode"), ("role", "decode")), (("phase", "prefill"), ("role", "prefill"))
+    assert s[("pdserve_engine_step_seconds_count", decode)] == 2
+    assert s[("pdserve_engine_step_seconds_sum", decode)] == pytest.approx(0.01)
+    assert s[("pdserve_engine_step_seconds_count", prefill)] == 1
     worker = (("role", "decode"), ("worker", "decode-0"))
     assert s[("pdserve_worker_running_requests", worker)] == 3 and s[("pdserve_worker_waiting_requests", worker)] == 1
     assert s[("pdserve_kv_blocks_used", worker)] == 40 and s[("pdserve_kv_blocks_total", worker)] == 128

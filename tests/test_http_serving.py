@@ -223,6 +223,11 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     assert _delta(before, after, "pdserve_kv_transfer_seconds_count") == transfers
     assert _delta(before, after, "pdserve_kv_transfer_failures_total") == 0
     assert (_delta(before, after, "pdserve_kv_transfer_bytes_total") > 0) == disaggregated
+    # a step or more per prompt (long ones in chunks), then one per further token; each worker times its own
+    prefill_role, decode_role = ("prefill", "decode") if disaggregated else ("colocated", "colocated")
+    steps = "pdserve_engine_step_seconds_count"
+    assert _delta(before, after, steps, phase="prefill", role=prefill_role) >= n
+    assert _delta(before, after, steps, phase="decode", role=decode_role) == n * (MAX_TOKENS - 1)
     for w in server.router.workers:
         assert after[("pdserve_kv_blocks_total", (("role", w.role), ("worker", w.name)))] == NUM_BLOCKS
 
