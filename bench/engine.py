@@ -71,22 +71,29 @@ def time_step(execute, batch: StepBatch, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def sync() -> None:
+    """Wait for the device (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def loop_step(engine, batch: int, context: int, steps: int = LOOP_STEPS) -> float:
     """Seconds per decode step of `engine.step()` in steady state: `batch` requests of `context` random prompt
     tokens, prefilled first, then `steps` steps timed by the host clock between two device syncs."""
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 16)
-    ids = [engine.add_request([rng.randrange(1000) for _ in range(context)], params) for _ in range(batch)]
+    vocab = min(1000, engine.spec.vocab_size)
+    ids = [engine.add_request([rng.randrange(vocab) for _ in range(context)], params) for _ in range(batch)]
     reqs = [engine.requests[i] for i in ids]
     while any(not r.output_token_ids for r in reqs):  # every prompt prefilled and its first token read
         engine.step()
     for _ in range(3):
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     elapsed = (time.perf_counter() - start) / steps
     for i in ids:
         engine.abort(i)

@@ -72,3 +72,6 @@ def test_bench_compare_cpu_1p1d_and_colocated(tiny_overrides, tmp_path, capsys):
     _assert_pngs_open(doc, 4)
     out = capsys.readouterr().out
     assert "== colocated ÷ cpu-1p1d: goodput 1.000" in out
+    (tmp_path / "compare_ratios.png").unlink()
+    assert main(["bench", "plot", str(tmp_path / "compare.json")]) == 0  # drawn again from the JSON alone
+    _assert_pngs_open(json.loads((tmp_path / "compare.json").read_text()), 4)

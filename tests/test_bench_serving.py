@@ -203,3 +203,29 @@ def test_targets_from_arguments():
         parse_overrides(["model"])
     with pytest.raises(ValueError, match="no address for the openai backend"):
         url_target("h:1").url_for("openai")
+
+
+def test_text_prompts_encode_to_exactly_their_lengths(embedded_dir):
+    from transformers import AutoTokenizer
+
+    from pdserve.bench.serving.backends import OpenAIBackend
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir).backend_tokenizer
+    reqs = w.shared_prefix_requests(6, 2, 40, 25, 8, 100_000, seed=2)
+    texts = w.as_text(reqs, tok)
+    for r, t in zip(reqs, texts):
+        assert (t.prompt_ids, t.output_len) == (r.prompt_ids, r.output_len)
+        assert len(tok.encode(t.prompt_text, add_special_tokens=False).ids) == r.prompt_len == 65
+    assert texts[0].prompt_text.split()[:40] == texts[2].prompt_text.split()[:40]  # a shared prefix stays shared
+    assert texts[0].prompt_text.split()[:40] != texts[1].prompt_text.split()[:40]
+    body = OpenAIBackend("http://127.0.0.1:1", ignore_eos=False).body(texts[0])
+    assert body["prompt"] == texts[0].prompt_text and "ignore_eos" not in body
+    assert OpenAIBackend("http://127.0.0.1:1").body(reqs[0])["prompt"] == reqs[0].prompt_ids
+
+
+def test_text_prompts_need_a_tokenizer_with_words():
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="the tokenizer has 0 plain-word tokens; text prompts need at least 100"):
+        w.as_text(w.random_requests(1, 4, 1, 100), tok)

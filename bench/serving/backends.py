@@ -73,20 +73,24 @@ class _Timer:
 
 
 class OpenAIBackend:
-    """`POST {base_url}/v1/completions` with `stream: true` and the prompt as token ids; usage (when the
-    server sends it) gives the exact output token count, otherwise each content chunk counts one token."""
+    """`POST {base_url}/v1/completions` with `stream: true` and the prompt as token ids (or as its text, where
+    the request carries one); usage (when the server sends it) gives the exact output token count, otherwise
+    each content chunk counts one token. `ignore_eos=False` leaves the field out, for servers that refuse it."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 600.0, max_connections: int = 4096):
+                 timeout_s: float = 600.0, max_connections: int = 4096, ignore_eos: bool = True):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, limits=limits,
                                         timeout=httpx.Timeout(timeout_s, connect=30.0))
-        self.model = model
+        self.model, self.ignore_eos = model, ignore_eos
 
     def body(self, req: BenchRequest) -> dict:
-        body = {"prompt": req.prompt_ids, "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        prompt = req.prompt_ids if req.prompt_text is None else req.prompt_text
+        body = {"prompt": prompt, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         return body if self.model is None else {**body, "model": self.model}
 
     async def send(self, req: BenchRequest) -> RequestResult:
@@ -140,8 +144,9 @@ class GrpcBackend:
     async def send(self, req: BenchRequest) -> RequestResult:
         from pdserve.router.client import build_request
 
-        request = build_request(token_ids=req.prompt_ids, sampling={
-            "max_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True})
+        prompt = {"token_ids": req.prompt_ids} if req.prompt_text is None else {"text": req.prompt_text}
+        request = build_request(**prompt, sampling={"max_tokens": req.output_len, "temperature": 0.0,
+                                                    "ignore_eos": True})
         timer = _Timer(RequestResult(req.prompt_len))
         try:
             async for msg in self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout_s):
@@ -154,10 +159,11 @@ class GrpcBackend:
         await self.channel.close()
 
 
-def make_backend(kind: str, url: str, model: str | None = None, api_key: str | None = None) -> Backend:
+def make_backend(kind: str, url: str, model: str | None = None, api_key: str | None = None,
+                 ignore_eos: bool = True) -> Backend:
     """`kind` "openai" (url: http://host:port) or "grpc" (url: host:port)."""
     if kind == "openai":
-        return OpenAIBackend(url, model=model, api_key=api_key)
+        return OpenAIBackend(url, model=model, api_key=api_key, ignore_eos=ignore_eos)
     if kind == "grpc":
         return GrpcBackend(url, api_key=api_key)
     raise ValueError(f"backend: unknown kind {kind!r} (openai or grpc)")

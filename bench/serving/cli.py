@@ -28,6 +28,10 @@ def add_bench_parser(sub) -> None:
     _add_common(c)
     c.set_defaults(func=_run_compare)
 
+    pl = bsub.add_parser("plot", help="draw a report's PNGs again from its JSON (e.g. one written without matplotlib)")
+    pl.add_argument("report", help="a results.json / compare.json that `pdserve bench` wrote")
+    pl.set_defaults(func=_run_plot)
+
     o = bsub.add_parser("overhead", help="the serving stack's cost: HTTP and gRPC streams vs the engine loop")
     from pdserve.bench.serving.overhead import add_overhead_args, run_overhead_cli
 
@@ -51,6 +55,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--trace", default=None, help="trace: a Mooncake-format JSONL file")
     w.add_argument("--trace-time-scale", type=float, default=1.0, help="trace: stretch (>1) or squeeze arrivals")
     w.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn below this (default: ask)")
+    w.add_argument("--tokenizer", default=None,
+                   help="send prompts as text (words of this tokenizer folder's vocabulary, exactly as many "
+                        "tokens), for servers that take only text; default: token ids")
+    w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for exactly --output-len tokens (--no-ignore-eos: for servers that refuse the field)")
     w.add_argument("--seed", type=int, default=0, help="same seed, same requests and arrival times")
     ld = p.add_argument_group("load")
     ld.add_argument("--request-rate", default=None,
@@ -76,6 +85,17 @@ def parse_rates(text: str | None, max_concurrency: int | None) -> list[float | N
 
 def build_workload(args: argparse.Namespace, vocab: int):
     """The request set the arguments describe (warm-up requests first)."""
+    from pdserve.bench.serving import workloads as w
+
+    requests = _token_requests(args, vocab)
+    if args.tokenizer is None:
+        return requests
+    from transformers import AutoTokenizer
+
+    return w.as_text(requests, AutoTokenizer.from_pretrained(args.tokenizer).backend_tokenizer)
+
+
+def _token_requests(args: argparse.Namespace, vocab: int):
     from pdserve.bench.serving import workloads as w
 
     n, seed = args.num_prompts + args.warmup, args.seed
@@ -120,6 +140,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return bench_targets([args.url] if args.url else [args.config], args, name="results",
                          allow_default=args.url is None)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from pdserve.bench.serving.report import replot
+
+    for png in replot(args.report):
+        print(png)
+    return 0
 
 
 def _run_compare(args: argparse.Namespace) -> int:

@@ -6,50 +6,53 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-from pdserve.bench.serving import plots
 from pdserve.bench.serving.backends import make_backend
 from pdserve.bench.serving.cli import build_workload, load_spec, overrides_of, parse_rates, slo_of
-from pdserve.bench.serving.report import format_table, write_report
+from pdserve.bench.serving.report import RATIO_FIELDS, format_table, write_report
 from pdserve.bench.serving.sweep import Point, run_sweep, sweep_goodput
-from pdserve.bench.serving.target import deployed, is_url, url_target, vocab_size
-
-RATIO_FIELDS = ("output_throughput", "request_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                "p99_tpot_ms", "p99_itl_ms", "slo_attainment")
+from pdserve.bench.serving.target import Target, deployed, is_url, url_target, vocab_size
 
 
 def bench_targets(specs: list[str | None], args: argparse.Namespace, name: str, allow_default: bool = False) -> int:
     """Run the arguments' workload and sweep against each target in turn; write `{name}.json` and PNGs
     under `args.out`, print the tables (and the ratios, for two)."""
+    overrides = overrides_of(args)
+    openers = [functools.partial(_open, spec, overrides, label, allow_default, args.model)
+               for spec, label in zip(specs, labels(specs))]
+    return run_targets(openers, args, name)
+
+
+def run_targets(openers: list[Callable[[], contextlib.AbstractContextManager[Target]]], args: argparse.Namespace,
+                name: str) -> int:
+    """`bench_targets` over targets that `openers` bring up (and take down) one after the other."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     rates, spec, slo = parse_rates(args.request_rate, args.max_concurrency), load_spec(args), slo_of(args)
     sweeps: dict[str, list[Point]] = {}
     requests = None
-    for target_spec, label in zip(specs, labels(specs)):
-        with _open(target_spec, overrides_of(args), label, allow_default) as target:
+    for opener in openers:
+        with opener() as target:
             if requests is None:  # one request set for every target (the first one's vocabulary)
                 requests = build_workload(args, vocab_size(target, args.vocab_size))
-            model = args.model if target_spec is not None and is_url(target_spec) else None
             try:
                 backend_url = target.url_for(args.backend)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-            sweeps[label] = asyncio.run(_sweep(args, backend_url, model, requests, spec, rates, slo))
-        print(format_table(label, sweeps[label]), flush=True)
+            backend = functools.partial(make_backend, args.backend, backend_url, model=target.model,
+                                        api_key=args.api_key, ignore_eos=args.ignore_eos and target.ignore_eos)
+            sweeps[target.label] = asyncio.run(_sweep(backend, requests, spec, rates, slo))
+        print(format_table(target.label, sweeps[target.label]), flush=True)
     meta = {"workload": args.workload, "num_prompts": args.num_prompts, "seed": args.seed, "backend": args.backend,
-            "request_rates": [str(r) for r in rates]}
-    doc = write_report(args.out, sweeps, meta, name)
-    if len(sweeps) == 2:
-        table = ratios(*sweeps.values())
+            "request_rates": [str(r) for r in rates], "text_prompts": args.tokenizer is not None}
+    table = ratios(*sweeps.values()) if len(sweeps) == 2 else None
+    doc = write_report(args.out, sweeps, meta, name, table)
+    if table is not None:
         print(format_ratios(list(sweeps), table))
-        title = " ÷ ".join(reversed(list(sweeps)))
-        png = plots.ratio_bars(_headline(table), title, Path(args.out) / f"{name}_ratios.png")
-        doc.update(ratios=table, plots=[*doc["plots"], str(png)])
-        (Path(args.out) / f"{name}.json").write_text(json.dumps(doc, indent=2))
     print(f"wrote {Path(args.out) / (name + '.json')} and {len(doc['plots'])} plots", flush=True)
     return 0
 
@@ -61,9 +64,9 @@ def labels(specs: list[str | None]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _open(spec: str | None, overrides: dict, label: str, allow_default: bool):
+def _open(spec: str | None, overrides: dict, label: str, allow_default: bool, model: str | None = None):
     if spec is not None and is_url(spec):
-        yield dataclasses.replace(url_target(spec), label=label)
+        yield dataclasses.replace(url_target(spec), label=label, model=model)
         return
     if spec is None and not allow_default:
         raise SystemExit("error: a target is missing")
@@ -71,8 +74,8 @@ def _open(spec: str | None, overrides: dict, label: str, allow_default: bool):
         yield target
 
 
-async def _sweep(args, url, model, requests, spec, rates, slo) -> list[Point]:
-    backend = make_backend(args.backend, url, model=model, api_key=args.api_key)
+async def _sweep(make, requests, spec, rates, slo) -> list[Point]:
+    backend = make()  # on this event loop (a gRPC channel belongs to the loop it was made on)
     try:
         return await run_sweep(backend, requests, spec, rates, slo)
     finally:
@@ -92,14 +95,6 @@ def ratios(a: list[Point], b: list[Point]) -> dict:
 
 def _div(x, y) -> float | None:
     return None if x is None or y is None or y == 0 else x / y
-
-
-def _headline(table: dict) -> dict[str, float]:
-    """Goodput and the highest load level's ratios, for the plot."""
-    last = table["by_load"][-1] if table["by_load"] else {}
-    out = {"goodput": table["goodput"]}
-    out.update({k: v for k, v in last.items() if k in RATIO_FIELDS})
-    return out
 
 
 def format_ratios(names: list[str], table: dict) -> str:

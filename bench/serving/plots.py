@@ -1,5 +1,5 @@
-"""PNG figures of a benchmark (matplotlib, Agg: no display needed): latency CDFs, SLO attainment against
-request rate, goodput bars, and a comparison's ratios."""
+"""PNG figures of a benchmark report (its JSON document; matplotlib, Agg: no display needed): latency CDFs,
+SLO attainment against request rate, goodput bars, and a comparison's ratios."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pdserve.bench.serving.metrics import GOODPUT_TARGET
-from pdserve.bench.serving.sweep import Point
 
 
 def _save(fig, path: Path) -> Path:
@@ -22,34 +21,35 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _label(p: Point) -> str:
-    return f"{p.spec.rate:g} req/s" if p.spec.rate is not None else f"conc {p.spec.max_concurrency}"
+def _label(run: dict) -> str:
+    rate = run["request_rate"]
+    return f"{rate:g} req/s" if isinstance(rate, (int, float)) else ("all at once" if rate == "inf"
+                                                                      else f"conc {run['max_concurrency']}")
 
 
-def latency_cdfs(sweeps: dict[str, list[Point]], path: Path) -> Path:
-    """TTFT, TPOT and E2E CDFs: one line per (deployment, load level)."""
+def latency_cdfs(deployments: list[dict], path: Path) -> Path:
+    """TTFT, TPOT and E2E CDFs: one line per (deployment, load level). `deployments`: a report's."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    fields = (("TTFT", lambda r: r.ttft_s), ("TPOT", lambda r: r.tpot_s), ("E2E", lambda r: r.e2e_s))
-    for ax, (name, get) in zip(axes, fields):
-        for label, points in sweeps.items():
-            for p in points:
-                v = np.sort([get(r) * 1e3 for r in p.run.results if r.ok and get(r) is not None])
+    for ax, (name, key) in zip(axes, (("TTFT", "ttfts"), ("TPOT", "tpots"), ("E2E", "e2els"))):
+        for dep in deployments:
+            for run in dep["runs"]:
+                v = np.sort([x * 1e3 for x in run.get(key, ()) if x is not None])
                 if v.size:
-                    ax.plot(v, np.arange(1, v.size + 1) / v.size, label=f"{label} {_label(p)}")
+                    ax.plot(v, np.arange(1, v.size + 1) / v.size, label=f"{dep['label']} {_label(run)}")
         ax.set(xlabel=f"{name} (ms)", ylabel="fraction of requests", title=f"{name} CDF")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 
 
-def attainment_vs_rate(sweeps: dict[str, list[Point]], path: Path) -> Path:
+def attainment_vs_rate(deployments: list[dict], path: Path) -> Path:
     """SLO attainment against the offered request rate, with the goodput target line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, points in sweeps.items():
-        pts = [(p.spec.rate, p.summary["slo_attainment"]) for p in points
-               if p.spec.rate is not None and not math.isinf(p.spec.rate) and "slo_attainment" in p.summary]
+    for dep in deployments:
+        pts = [(r["request_rate"], r["slo_attainment"]) for r in dep["runs"]
+               if isinstance(r["request_rate"], (int, float)) and "slo_attainment" in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker="o", label=dep["label"])
     ax.axhline(GOODPUT_TARGET, color="gray", linestyle="--", label=f"{GOODPUT_TARGET:.0%} target")
     ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(-0.02, 1.02), title="SLO attainment")
     ax.grid(alpha=0.3)

@@ -19,6 +19,8 @@ class Target:
     label: str
     http_url: str | None = None
     grpc_address: str | None = None
+    model: str | None = None  # the `model` field its OpenAI API is sent (None: left out)
+    ignore_eos: bool = True  # False: the server refuses the field
 
     def url_for(self, backend: str) -> str:
         url = self.http_url if backend == "openai" else self.grpc_address

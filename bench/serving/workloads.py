@@ -2,11 +2,14 @@
 
 Every builder is seeded: the same seed gives the same requests, whatever server they are sent to.
 Prompts are token ids drawn from `[FIRST_ID, vocab_size)` (low ids are often special tokens), so a
-request's prompt length is exact on any server that takes token-id prompts.
+request's prompt length is exact on any server that takes token-id prompts; `as_text` turns them into text
+of exactly as many tokens for servers that take only text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ class BenchRequest:
     prompt_ids: list[int]
     output_len: int
     arrival_s: float | None = None
+    prompt_text: str | None = None  # sent instead of the ids where set (`as_text`)
 
     @property
     def prompt_len(self) -> int:
@@ -137,3 +141,35 @@ def trace_requests(records: list[TraceRecord], vocab_size: int, seed: int = 0,
         ids = ids[:r.input_length] + _ids(rng, max(0, r.input_length - len(ids)), vocab_size)
         reqs.append(BenchRequest(ids, max(1, r.output_length), (r.timestamp_ms - t0) / 1000.0 * time_scale))
     return reqs
+
+
+PLAIN_WORD = re.compile(r" [a-z]{3,12}")
+
+
+def plain_word_ids(tokenizer) -> list[int]:
+    """The ids of the vocabulary's plain words (a space, then 3-12 lower-case letters) that encode back to
+    themselves alone: a run of them encodes to the same run, one token per word. `tokenizer`: a
+    `tokenizers.Tokenizer`."""
+    words = []
+    for token_id in sorted(tokenizer.get_vocab().values()):
+        text = tokenizer.decode([token_id])
+        if PLAIN_WORD.fullmatch(text) and tokenizer.encode(text, add_special_tokens=False).ids == [token_id]:
+            words.append(token_id)
+    if len(words) < 100:
+        raise ValueError(f"the tokenizer has {len(words)} plain-word tokens; text prompts need at least 100")
+    return words
+
+
+def as_text(requests: list[BenchRequest], tokenizer) -> list[BenchRequest]:
+    """The same requests with text prompts the tokenizer encodes to exactly as many tokens (not counting the
+    special tokens a server may add): each id becomes one of the plain-word tokens, equal ids the same word
+    (a shared prefix stays shared). `tokenizer`: a `tokenizers.Tokenizer`."""
+    words = plain_word_ids(tokenizer)
+    out = []
+    for r in requests:
+        text = tokenizer.decode([words[i % len(words)] for i in r.prompt_ids])
+        n = len(tokenizer.encode(text, add_special_tokens=False).ids)
+        if n != r.prompt_len:
+            raise ValueError(f"a {r.prompt_len}-token prompt became text of {n} tokens")
+        out.append(dataclasses.replace(r, prompt_text=text))
+    return out
