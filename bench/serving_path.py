@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -98,8 +99,8 @@ def engine_baseline(config, streams: int, context: int, long_prompt: list[int], 
 def _engine_child(queue, *args) -> None:
     try:
         queue.put(engine_baseline(*args))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails with it
-        queue.put({"error": f"{type(e).__name__}: {e}"})
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails with it
+        queue.put({"error": traceback.format_exc()})
 
 
 def run_engine_baseline(config, streams: int, context: int, long_prompt: list[int], repeats: int,

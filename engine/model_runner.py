@@ -42,7 +42,7 @@ class ModelRunner:
         self.staging: PinnedStaging | None = None
         self.block_size = config.block_size
         check_max_model_len(spec, config.max_model_len)
-        max_positions = config.max_model_len or spec.max_position_embeddings
+        self.max_positions = max_positions = config.max_model_len or spec.max_position_embeddings
         self.model = build_model(spec, tp, self.dtype, device, max_positions, config.load_format, config.seed)
         attn = self.model.attention_layers()[0]
         self.num_kv_heads = attn.num_kv_heads  # local to this rank
@@ -119,7 +119,8 @@ class ModelRunner:
             layer.kv_cache = scratch
         blocks = -(-T // self.block_size)
         batch = StepBatch(
-            input_ids=torch.zeros(T, dtype=torch.int64), positions=torch.arange(T),
+            # NOTE: a budget above max_model_len still runs whole: positions wrap inside the rotary table
+            input_ids=torch.zeros(T, dtype=torch.int64), positions=torch.arange(T) % self.max_positions,
             slot_mapping=torch.arange(T) % self.block_size,
             block_tables=torch.zeros(1, blocks, dtype=torch.int32),
             query_start_loc=torch.tensor([0, T], dtype=torch.int32), seq_lens=torch.tensor([T], dtype=torch.int32),

@@ -51,3 +51,15 @@ def test_bf16_teacher_forced_logits_close_to_fp32(tiny_checkpoints):
     got = teacher_forced_logits(make_engine(path, dtype="bfloat16", **GPU), ids)
     err = ((got - want).abs().max() / scale).item()
     assert err < 0.10 and err <= 1.5 * hf_err + 0.01, f"relative error {err:.4f} (transformers bf16: {hf_err:.4f})"
+
+
+def test_memory_sized_cache_with_a_budget_above_max_model_len(tiny_checkpoints):
+    """Sizing the cache from GPU memory runs one forward over the whole token budget; a budget larger than
+    max_model_len must not read past the rotary table (it did: an illegal memory access)."""
+    path = tiny_checkpoints["llama-gqa-untied"]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    engine = make_engine(path, device="cuda", max_model_len=128, max_num_batched_tokens=4096,
+                         gpu_memory_utilization=0.1)
+    assert engine.runner.num_blocks > 256  # sized from memory, not given
+    assert engine.generate(PROMPTS, params) == hf_greedy(path, PROMPTS, params.max_tokens)
+    assert_pool_full(engine)
