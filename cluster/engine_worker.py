@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,8 +23,15 @@ from pdserve.cluster.tp_rank import TPRank
 from pdserve.config import DeploymentConfig
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.errors import PdserveError, WorkerFailedError
-from pdserve.messages import (RequestFailure, StepTiming, TokenOutput, TransferOutcome, WorkerInfo, WorkerLoad,
-                              WorkerReport)
+from pdserve.messages import (
+    RequestFailure,
+    StepTiming,
+    TokenOutput,
+    TransferOutcome,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ class EngineWorker:
             self.rank0.load()
             self.engine = self.rank0.engine
             self.peers = PeerTransfers(peers or [])
+        self.engine.record_steps = True
         self.setup()
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
@@ -171,10 +178,8 @@ class EngineWorker:
                 self._run_commands()
                 self.before_step()
                 if self.engine.has_unfinished():
-                    start = time.perf_counter()
                     outputs = self.engine.step()
-                    if self.engine.last_step[0]:  # not a step that only read the one in flight
-                        self._timed(StepTiming(time.perf_counter() - start, *self.engine.last_step))
+                    self._timed([StepTiming(*t) for t in self.engine.take_step_times()])
                     self.emit(outputs)
                 else:
                     self._wake.wait(BUSY_WAIT_S if self.busy() else IDLE_WAIT_S)
@@ -185,10 +190,10 @@ class EngineWorker:
                 self._fatal = f"engine loop failed: {type(e).__name__}: {e}"
                 self._report.notify_all()
 
-    def _timed(self, step: StepTiming) -> None:
-        self.step_log.append(step)
+    def _timed(self, steps: list[StepTiming]) -> None:
+        self.step_log.extend(steps)
         with self._report:  # NOTE: no notify: timings ride along with the next report, never wake a poll
-            self._steps.append(step)
+            self._steps.extend(steps)
 
     def _run_commands(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,8 @@ class _Launched:
     tokens: torch.Tensor | None  # [N] int64 on the host, filled once `ready` has fired
     logprobs: Logprobs | None  # on the host, likewise
     ready: torch.cuda.Event | None  # CUDA: recorded after the copies to the host
+    started: float = 0.0  # host clock when it was launched (with `record_steps`)
+    shape: tuple[int, int, bool] = (0, 0, False)  # sequences, tokens, decode (with `record_steps`)
 
     def live(self) -> bool:
         """Some request it samples for is still running (otherwise its tokens would all be dropped)."""
@@ -81,7 +84,12 @@ class LLMEngine:
         self._ids = itertools.count()
         overlap = config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if overlap is None else overlap
-        self.last_step = (0, 0, False)  # (sequences, tokens, decode) `step` launched last time (0 sequences: none)
+        # With `record_steps`, each step's time as the engine's loop saw it: from its launch (or the previous
+        # step's end, if later) to its tokens being read; (seconds, sequences, tokens, decode) per step, for
+        # whoever drives the engine to take (`take_step_times`).
+        self.record_steps = False
+        self._step_times: list[tuple[float, int, int, bool]] = []
+        self._last_resolved = 0.0
         self._in_flight: _Launched | None = None
         # Disaggregation seams (docs/architecture.md): the prefill side's KV saver, requests whose blocks
         # outlive them until their transfer ends, and the decode side's reservations awaiting their KV.
@@ -193,9 +201,6 @@ class LLMEngine:
         if prev is not None and self._needs_history():
             outputs, prev = self._resolve(prev), None
         plan = self.scheduler.schedule()
-        # every row one token after an output token: a decode step (a prompt's last 1-token chunk is not)
-        decode = all(n == 1 and (req.output_token_ids or req.num_pending) for req, n in plan.scheduled)
-        self.last_step = (len(plan.scheduled), plan.num_tokens, decode)
         launched = self._launch(plan, prev) if not plan.is_empty else None
         if prev is not None:
             outputs = self._resolve(prev)
@@ -216,8 +221,14 @@ class LLMEngine:
         host has not read."""
         return any(r.sampling_params.has_penalties for r in self.scheduler.running)
 
+    def take_step_times(self) -> list[tuple[float, int, int, bool]]:
+        """The step times recorded since the last call (see `record_steps`)."""
+        times, self._step_times = self._step_times, []
+        return times
+
     def _launch(self, plan: SchedulerOutput, prev: _Launched | None) -> _Launched:
         """Build, run and sample one step without waiting for the device; pending inputs come from `prev`."""
+        started = time.perf_counter() if self.record_steps else 0.0
         sampling = [req for req, n in plan.scheduled if req.num_computed_tokens + n == req.num_tokens]
         num_prev = len(prev.sampling) if prev is not None else 0
         # Requests that hold their blocks sample once: their prompt's KV is complete with this step.
@@ -226,8 +237,14 @@ class LLMEngine:
         logits = self.execute(StepBatch.build(plan, self.config.block_size, num_prev),
                               prev.sampled if prev is not None else None, layer_hook)
         out = self.runner.sample(logits, sampling) if sampling else None
+        if self.record_steps:
+            # every row one token after an output token: a decode step (a prompt's last 1-token chunk is not)
+            decode = all(n == 1 and (req.output_token_ids or req.num_pending) for req, n in plan.scheduled)
         self.scheduler.launched(plan, sampling)
-        return self._copy_to_host(sampling, out)
+        launched = self._copy_to_host(sampling, out)
+        if self.record_steps:
+            launched.started, launched.shape = started, (len(plan.scheduled), plan.num_tokens, decode)
+        return launched
 
     def _copy_to_host(self, sampling: list[Request], out: SamplerOutput | None) -> _Launched:
         """Start the copies of the sampled ids (and logprobs) to the host; CUDA: pinned, not awaited."""
@@ -246,10 +263,12 @@ class LLMEngine:
 
     def _resolve(self, step: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens (waiting for the device if it is still running) and hand them out."""
-        if step.tokens is None:  # only partial prompt chunks
+        if step.tokens is None:  # only partial prompt chunks (not waited for: the next step's time holds theirs)
+            self._step_done(step)
             return []
         if step.ready is not None:
             step.ready.synchronize()
+        self._step_done(step)
         tokens = step.tokens.tolist()
         rows = _logprob_rows(step.logprobs, [req.sampling_params.logprobs for req in step.sampling])
         logprobs = dict(zip(step.sampling, rows))
@@ -263,6 +282,12 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
                 self._hold(req)
         return results
+
+    def _step_done(self, step: _Launched) -> None:
+        if self.record_steps:
+            now = time.perf_counter()
+            self._step_times.append((now - max(step.started, self._last_resolved), *step.shape))
+            self._last_resolved = now
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion; return each one's generated token ids."""

@@ -27,8 +27,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.url is not None:
         return _generate_remote(args)
     from pdserve.config import load_config
-    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.model_source import resolve_tokenizer
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.tokenizer import load_tokenizer
     from pdserve.errors import InvalidRequestError
 

@@ -74,8 +74,8 @@ class TransferOutcome:
 
 @dataclass(frozen=True)
 class StepTiming:
-    """One engine step as the worker's loop timed it: host clock around `LLMEngine.step` (with asynchronous
-    scheduling, in steady state, one step of the device), and the size of the step it launched."""
+    """One engine step as the engine's loop saw it: from its launch (or the previous step's end, if later)
+    to its tokens being read (`LLMEngine.record_steps`); in steady state, the time between two steps."""
 
     seconds: float
     num_seqs: int
