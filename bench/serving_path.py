@@ -152,15 +152,33 @@ def _transfer_seconds(server) -> float | None:
     return registry.get_sample_value("pdserve_kv_transfer_seconds_sum") / count if count else None
 
 
+def _stage_sums(server) -> dict[str, tuple[float, float]]:
+    """The router's per-stage (seconds, requests) totals so far."""
+    out = {}
+    for family in server.metrics.registry.collect():
+        if family.name == "pdserve_request_stage_seconds":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    total = out.setdefault(sample.labels["stage"], [0.0, 0.0])
+                    total[sample.name.endswith("_count")] += sample.value
+    return out
+
+
 def _ttft(server, long_requests, prefill_role: str) -> dict:
-    """TTFT one request at a time (the first one unmeasured), and the prefill steps' own times."""
+    """TTFT one request at a time (the first one unmeasured), the prefill steps' own times, and the mean time
+    the requests spent in each stage the router sees."""
     _load(server.grpc_address, long_requests[:1], 1)
     _steps(server, prefill_role)
+    before = _stage_sums(server)
     run = _load(server.grpc_address, long_requests[1:], 1)
+    after = _stage_sums(server)
     steps = [s.seconds for s in _steps(server, prefill_role) if not s.decode]
+    stages = {k: (v[0] - before.get(k, (0.0, 0.0))[0]) / (v[1] - before.get(k, (0.0, 0.0))[1])
+              for k, v in after.items() if v[1] > before.get(k, (0.0, 0.0))[1]}
     return {"ttft_s": statistics.median(r.ttft_s for r in run.results),
             "ttft_all_s": [r.ttft_s for r in run.results],
-            "prefill_step_s": statistics.median(steps) if steps else None, "prefill_steps": len(steps)}
+            "prefill_step_s": statistics.median(steps) if steps else None, "prefill_steps": len(steps),
+            "stage_mean_s": stages}
 
 
 def served_decode(server, requests, streams: int) -> dict:

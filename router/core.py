@@ -279,6 +279,7 @@ class Router:
         if self.metrics is not None:
             self.metrics.request_finished(reason, stream.num_prompt_tokens, num_out,
                                           time.monotonic() - stream.arrived)
+            self.metrics.stages(stream.stage_s)
 
 
 def _worker_status(w: WorkerHandle) -> dict:

@@ -67,17 +67,26 @@ class RequestStream:
     prefill: object | None = None
     decode: object | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # seconds spent in each state so far (every attempt's), and when the current one began
+    stage_s: dict[str, float] = field(default_factory=dict)
+    entered: float = field(default_factory=time.monotonic)
 
     def restart(self, worker_id: str) -> None:
         """A new attempt (a retry, a migration) under a new id for the workers: back to QUEUED, and events
         still queued from the previous attempt dropped."""
-        self.worker_id, self.state, self.prefill, self.decode = worker_id, RequestState.QUEUED, None, None
+        self.worker_id, self.prefill, self.decode = worker_id, None, None
+        self._enter(RequestState.QUEUED)
         self.events = asyncio.Queue()
 
     def move(self, state: RequestState) -> None:
         if not state.done:
             assert state in _NEXT[self.state], f"{self.request_id}: {self.state.value} -> {state.value}"
-        self.state = state
+        self._enter(state)
+
+    def _enter(self, state: RequestState) -> None:
+        now = time.monotonic()
+        self.stage_s[self.state.value] = self.stage_s.get(self.state.value, 0.0) + now - self.entered
+        self.state, self.entered = state, now
 
     # --- from the poll tasks ------------------------------------------------------------------
     def push(self, event: TokenOutput | RequestFailure | StreamError) -> None:

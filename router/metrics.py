@@ -58,6 +58,11 @@ class Metrics:
                                           registry=r)
         self._transfer_seconds = Histogram("pdserve_kv_transfer_seconds", "Duration of successful KV transfers.",
                                            buckets=_TRANSFER_BUCKETS, registry=r)
+        self._stage_seconds = Histogram("pdserve_request_stage_seconds",
+                                        "Time a finished request spent in each stage: queued (admission, and "
+                                        "the decode lease when disaggregated), prefilling (until its first "
+                                        "token), transferring (its KV), decoding.", ["stage"],
+                                        buckets=_TTFT_BUCKETS, registry=r)
         self._step_seconds = Histogram("pdserve_engine_step_seconds",
                                        "Duration of an engine step, by the worker's role and the step's phase "
                                        "(decode: one new token per sequence; prefill: prompt tokens in it).",
@@ -95,6 +100,11 @@ class Metrics:
             return
         self._transfer_bytes.inc(num_bytes)
         self._transfer_seconds.observe(seconds)
+
+    def stages(self, seconds: dict[str, float]):
+        """A finished request's time in each stage it went through (state name -> seconds)."""
+        for stage, s in seconds.items():
+            self._stage_seconds.labels(stage).observe(s)
 
     def steps(self, role: str, steps: list[StepTiming]):
         """Engine steps a worker of `role` timed."""

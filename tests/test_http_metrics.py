@@ -24,6 +24,7 @@ def test_every_call_moves_its_series():
     m.transfer(True, 1 << 20, 0.002)
     m.transfer(False, 0, 1.0)
     m.set_queue_depth(7)
+    m.stages({"queued": 0.002, "prefilling": 0.1, "decoding": 1.25})
     m.steps("decode", [StepTiming(0.006, 64, 64, True), StepTiming(0.004, 1, 1, True)])
     m.steps("prefill", [StepTiming(0.2, 3, 4096, False)])
     m.set_worker("decode", "decode-0", running=3, waiting=1, blocks_used=40, blocks_total=128, preemptions=1)
@@ -41,6 +42,8 @@ def test_every_call_moves_its_series():
     assert s[("pdserve_kv_transfer_bytes_total", ())] == 1 << 20
     assert s[("pdserve_kv_transfer_seconds_count", ())] == 1
     assert s[("pdserve_queue_depth", ())] == 7 and s[("pdserve_preemptions_total", ())] == 1
+    assert s[("pdserve_request_stage_seconds_sum", (("stage", "decoding"),))] == 1.25
+    assert s[("pdserve_request_stage_seconds_count", (("stage", "prefilling"),))] == 1
     decode, prefill = (("phase", "decode"), ("role", "decode")), (("phase", "prefill"), ("role", "prefill"))
     assert s[("pdserve_engine_step_seconds_count", decode)] == 2
     assert s[("pdserve_engine_step_seconds_sum", decode)] == pytest.approx(0.01)

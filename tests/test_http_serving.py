@@ -223,6 +223,9 @@ def test_metrics_move_as_requests_are_served(server, prompts):
     assert _delta(before, after, "pdserve_kv_transfer_seconds_count") == transfers
     assert _delta(before, after, "pdserve_kv_transfer_failures_total") == 0
     assert (_delta(before, after, "pdserve_kv_transfer_bytes_total") > 0) == disaggregated
+    stages = ["queued", "leased", "prefilling", "transferring", "decoding"] if disaggregated else ["queued", "decoding"]
+    for stage in stages:  # every finished request went through each stage once
+        assert _delta(before, after, "pdserve_request_stage_seconds_count", stage=stage) == n
     # a step or more per prompt (long ones in chunks), then one per further token; each worker times its own
     prefill_role, decode_role = ("prefill", "decode") if disaggregated else ("colocated", "colocated")
     steps = "pdserve_engine_step_seconds_count"
