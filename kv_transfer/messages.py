@@ -184,6 +184,7 @@ class TransferStats:
     handshakes_refused: int = 0
     groups_created: int = 0
     groups_torn_down: int = 0
+    transfers_drained: int = 0  # receiver: parts of transfers that had ended here, read off their pair and dropped
     graph_transfers: int = 0  # NCCL: transfers launched from a CUDA graph (TransferConfig.cuda_graphs)
     graphs_captured: int = 0
     total_duration_s: float = 0.0

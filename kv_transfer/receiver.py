@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdserve.errors import TransferError
+from pdserve.errors import TransferError, TransferGone
 from pdserve.kernels import block_copy, ops
 from pdserve.kv_transfer.layout import KVLayout
 from pdserve.kv_transfer.messages import (
@@ -179,7 +179,7 @@ class KVReceiver:
             while (inc := self._book.active.get(header.transfer_id)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or header.transfer_id in self._book.finished:
-                    raise TransferError(f"transfer {header.transfer_id} is not expected by this receiver")
+                    raise TransferGone(f"transfer {header.transfer_id} is not expected by this receiver")
                 self._lock.wait(left)
             inc.conns.add(conn_id)
             num_heads = header.heads[1] - header.heads[0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from pdserve.errors import TransferError
+from pdserve.errors import TransferError, TransferGone
 from pdserve.kernels import ops
 from pdserve.kv_transfer.cuda_wait import sync_event
 from pdserve.kv_transfer.graphs import GraphCache, capture
@@ -198,24 +198,34 @@ class TorchDistIngest(Ingest):
         next_k = 0  # the next message to post once `posted` is empty
         try:
             post_more()
-            inc = receiver.open_part(pair.conn_id, header)
-            inc.trace.absorb(tr)
-            tr = inc.trace
-            tr.mark("transfer known (open_part)")
-            deadline = inc.deadline
+            try:
+                inc = receiver.open_part(pair.conn_id, header)
+            except TransferGone:
+                # Its messages are on the pair all the same, ahead of other transfers': they are read and
+                # dropped (bounded), so the pair, and what it carries next, stays up.
+                inc = None
+                deadline = time.monotonic() + receiver.config.timeout_s
+            if inc is not None:
+                inc.trace.absorb(tr)
+                tr = inc.trace
+                tr.mark("transfer known (open_part)")
+                deadline = inc.deadline
+            delivered = inc is not None
             while posted:
                 k, buf, payload, work = posted.popleft()
                 next_k = k + 1
                 try:
                     with on_scatter():
-                        wait_work(work, inc.deadline, cuda)  # CUDA: `scatter` waits for the receive
+                        wait_work(work, deadline, cuda)  # CUDA: `scatter` waits for the receive
                         tr.mark("recv awaited | done", k, gpu=True)  # gloo: the host waited for it
-                        delivered = receiver.scatter(inc, header, parts[k], payload)
+                        if delivered and not receiver.scatter(inc, header, parts[k], payload):
+                            # it ended here meanwhile (its deadline): the rest is drained like the above
+                            delivered, deadline = False, time.monotonic() + receiver.config.timeout_s
                         tr.mark("scatter launched | done", k, gpu=True)
                 finally:
                     with on_scatter():
                         receiver.staging.release(buf)  # CUDA: free once the scatter (on `scatter`) ran
-                if not delivered or pair.dropped.is_set():
+                if pair.dropped.is_set():
                     raise TransferError(f"transfer {header.transfer_id} ended while its messages were arriving")
                 post_more()
         except BaseException:
@@ -225,9 +235,12 @@ class TorchDistIngest(Ingest):
         if cuda:  # the scatters were enqueued on `scatter`: the host blocks until they ran (no sleep between
             done = torch.cuda.Event()  # polls; past the deadline the pair is dropped, which ends its receives)
             done.record(scatter)
-            sync_event(done, inc.deadline, lambda: self.drop_conn(pair.conn_id), "KV scatter")
+            sync_event(done, deadline, lambda: self.drop_conn(pair.conn_id), "KV scatter")
             tr.mark("last scatter seen by host (event wait returned)")
-        receiver.landed(inc, header, parts)
+        if delivered:
+            receiver.landed(inc, header, parts)
+        else:
+            receiver.stats.add(transfers_drained=1)
 
     def _receive_graph(self, pair: _Pair, header: TransferHeader, scatter: torch.cuda.Stream) -> None:
         """The whole transfer (every receive, every scatter on `scatter`) from one CUDA graph of its plan

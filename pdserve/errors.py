@@ -63,3 +63,8 @@ class TransferError(PdserveError):
     """A KV transfer failed, timed out, or its peer's layout did not match."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class TransferGone(TransferError):
+    """A sender's part arrived for a transfer the receiver does not hold (it ended there, e.g. cancelled when
+    its request was aborted, or it was never expected): its bytes have nowhere to go."""

@@ -124,6 +124,38 @@ def test_in_process_transfer_whole_and_layer_by_layer(transport):
         receiver.close()
 
 
+def test_a_transfer_cancelled_before_its_sender_starts_leaves_the_pair_to_the_next_one():
+    """An aborted request's transfer is cancelled at the receiver while its sender has not announced it yet;
+    the sender sends it all the same, on the pair that the next transfer shares: the receiver reads and
+    drops its messages, and the next transfer, right behind it, arrives whole over the same pair."""
+    src, dst = _caches()
+    config = TransferConfig(timeout_s=20, staging_bytes=2048)  # several messages per transfer
+    send_pool, recv_pool = BlockPool(16), BlockPool(16)
+    receiver = KVReceiver(make_layout(), dst, recv_pool.give, TransportKind.TORCH, config=config)
+    sender = KVSender(make_layout(), src, send_pool.give, config=config)
+    try:
+        to = Destination((receiver.endpoint,))
+        gone_src, gone_dst = send_pool.take(5), recv_pool.take(5)
+        receiver.expect(1, gone_dst)
+        assert receiver.cancel(1, "aborted")  # nothing announced yet: it fails now, its blocks come back
+        assert recv_pool.full
+        keep_src, keep_dst = send_pool.take(5), recv_pool.take(5)
+        receiver.expect(2, keep_dst)
+        for tid, ids in [(1, gone_src), (2, keep_src)]:
+            sender.start_send(tid, to, ids)
+            sender.save_kv(tid)
+        assert receiver.wait(2, 20).state is TransferState.DONE
+        assert torch.equal(dst[:, :, keep_dst], src[:, :, keep_src])
+        assert sender.wait_for_save(2, 20).state is TransferState.DONE
+        stats = receiver.stats.snapshot()
+        assert (stats["transfers_drained"], stats["groups_created"], stats["groups_torn_down"]) == (1, 1, 0)
+        recv_pool.give(keep_dst)
+        assert send_pool.full and recv_pool.full
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_expected_transfer_that_never_comes_fails_at_its_deadline_and_returns_blocks():
     _, dst = _caches()
     pool = BlockPool(16)
