@@ -6,13 +6,15 @@
 A request leaves QUEUED when it has an admission slot (and, disaggregated, a decode lease); every later
 state waits for an event from a worker — the first token from prefill, tokens from decode, a failure — and
 each such wait is bounded (`next_event`): a worker that says nothing for that long fails the request with
-UNAVAILABLE, so no client waits on a dead peer. Events arrive from the workers' poll tasks (`push`).
+UNAVAILABLE, so no client waits on a dead peer. Events arrive from the workers' poll tasks (`push`); tokens
+that piled up while the request's consumer was busy come out of `next_event` together, as one output.
 """
 from __future__ import annotations
 
 import asyncio
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.errors import ErrorCode, PdserveError
@@ -66,13 +68,15 @@ class RequestStream:
     # the workers holding the current attempt (abort goes there)
     prefill: object | None = None
     decode: object | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: deque = field(default_factory=deque)  # TokenOutput | RequestFailure | StreamError, in arrival order
+    # set while `next_event` waits on an empty `events`
+    _waiter: asyncio.Future | None = field(default=None, init=False, repr=False)
 
     def restart(self, worker_id: str) -> None:
         """A new attempt (a retry, a migration) under a new id for the workers: back to QUEUED, and events
         still queued from the previous attempt dropped."""
         self.worker_id, self.state, self.prefill, self.decode = worker_id, RequestState.QUEUED, None, None
-        self.events = asyncio.Queue()
+        self.events = deque()
 
     def move(self, state: RequestState) -> None:
         if not state.done:
@@ -81,17 +85,31 @@ class RequestStream:
 
     # --- from the poll tasks ------------------------------------------------------------------
     def push(self, event: TokenOutput | RequestFailure | StreamError) -> None:
-        self.events.put_nowait(event)
+        self.events.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next_event(self, timeout_s: float, waiting_for: str) -> TokenOutput:
-        """The next tokens for this request; a failure or silence past `timeout_s` raises."""
-        try:
-            event = await asyncio.wait_for(self.events.get(), timeout_s)
-        except asyncio.TimeoutError:
-            raise StreamError(ErrorCode.UNAVAILABLE,
-                              f"no {waiting_for} within {timeout_s:.0f}s ({self.state.value})") from None
+        """The tokens that arrived since the last call, as one output; a failure or silence past `timeout_s`
+        raises (after the tokens that came before it)."""
+        if not self.events:
+            # NOTE: a future and a timer, not wait_for on a queue: that starts a task for every wait
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._waiter
+            except TimeoutError:
+                raise StreamError(ErrorCode.UNAVAILABLE,
+                                  f"no {waiting_for} within {timeout_s:.0f}s ({self.state.value})") from None
+            finally:
+                self._waiter = None
+        event = self.events.popleft()
         if isinstance(event, StreamError):
             raise event
         if isinstance(event, RequestFailure):
             raise StreamError(ErrorCode[event.code], event.message, retryable=event.retry)
+        while self.events and isinstance(self.events[0], TokenOutput) and event.finish_reason is None:
+            more = self.events.popleft()
+            event = TokenOutput(event.request_id, event.token_ids + more.token_ids, more.finish_reason,
+                                event.logprobs + more.logprobs)
         return event
