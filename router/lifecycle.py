@@ -69,8 +69,11 @@ class RequestStream:
     prefill: object | None = None
     decode: object | None = None
     events: deque = field(default_factory=deque)  # TokenOutput | RequestFailure | StreamError, in arrival order
-    # set while `next_event` waits on an empty `events`
+    # while `next_event` waits on an empty `events`: the future it waits on (True: an event came; False: the wait
+    # timed out) and the wait's deadline; one timer per request, moved on lazily (`_expire`)
     _waiter: asyncio.Future | None = field(default=None, init=False, repr=False)
+    _deadline: float = field(default=0.0, init=False, repr=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     def restart(self, worker_id: str) -> None:
         """A new attempt (a retry, a migration) under a new id for the workers: back to QUEUED, and events
@@ -87,20 +90,21 @@ class RequestStream:
     def push(self, event: TokenOutput | RequestFailure | StreamError) -> None:
         self.events.append(event)
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+            self._waiter.set_result(True)
 
     async def next_event(self, timeout_s: float, waiting_for: str) -> TokenOutput:
         """The tokens that arrived since the last call, as one output; a failure or silence past `timeout_s`
         raises (after the tokens that came before it)."""
         if not self.events:
-            # NOTE: a future and a timer, not wait_for on a queue: that starts a task for every wait
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter, self._deadline = loop.create_future(), loop.time() + timeout_s
+            if self._timer is None or self._timer.when() > self._deadline:
+                self.close()
+                self._timer = loop.call_at(self._deadline, self._expire)
             try:
-                async with asyncio.timeout(timeout_s):
-                    await self._waiter
-            except TimeoutError:
-                raise StreamError(ErrorCode.UNAVAILABLE,
-                                  f"no {waiting_for} within {timeout_s:.0f}s ({self.state.value})") from None
+                if not await self._waiter:
+                    raise StreamError(ErrorCode.UNAVAILABLE,
+                                      f"no {waiting_for} within {timeout_s:.0f}s ({self.state.value})")
             finally:
                 self._waiter = None
         event = self.events.popleft()
@@ -113,3 +117,24 @@ class RequestStream:
             event = TokenOutput(event.request_id, event.token_ids + more.token_ids, more.finish_reason,
                                 event.logprobs + more.logprobs)
         return event
+
+    def close(self) -> None:
+        """The request left the router: its timer goes (`next_event` sets it again if it waits)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        """The timer: times out the wait in progress, or moves on to its deadline.
+
+        NOTE: a timer per wait (asyncio.timeout) costs a heap push and a cancel per streamed message; this one
+        fires at most once per `timeout_s` of a request's life.
+        """
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return  # not waiting: the next wait sets it again
+        loop = self._waiter.get_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+        else:
+            self._waiter.set_result(False)
