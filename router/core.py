@@ -130,6 +130,7 @@ class Router:
                 async for delta in self._stream_text(stream, prompt, request):
                     yield delta
             finally:
+                stream.close()
                 self.streams.pop(request_id, None)
                 self.attempts.pop(stream.worker_id, None)
                 if not stream.state.done:

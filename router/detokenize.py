@@ -60,8 +60,9 @@ class Detokenizer:
             if self.stopped:
                 break
             self.num_tokens += 1
-            self._ids.append(int(token_id))
-            chunk = self._stream.step(self.tokenizer, int(token_id))
+            token_id = int(token_id)
+            self._ids.append(token_id)
+            chunk = self._stream.step(self.tokenizer, token_id)
             if chunk is None:
                 continue
             self._num_decoded = len(self._ids)

@@ -2,7 +2,8 @@
 
 `FanOut` merges the core's delta streams of a request's n choices; `ChatFormat` and `CompletionFormat`
 turn deltas into OpenAI's whole responses or stream chunks (the only differences between the two
-endpoints: body shapes and the logprobs format).
+endpoints: body shapes and the logprobs format). Stream chunks are plain dicts in the schema's field order
+(what `model_dump` of openai_schema's chunk types gives): they are built once per streamed message.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pydantic import BaseModel
 from pdserve.router.frontend import GenerateDelta, GenerateInput, RouterCore
 from pdserve.router.openai_schema import (
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatLogprobs,
@@ -93,7 +93,7 @@ class _Choice:
 
 class ResponseFormat:
     """Accumulates a request's choices and writes its bodies; subclasses give the endpoint's shapes:
-    its body types, `_chunk` (one delta as a stream chunk), `_choice` (a whole choice), `_logprobs`."""
+    its body types, `_chunk` (one delta as a stream chunk's choice), `_choice` (a whole choice), `_logprobs`."""
 
     response_type: type[BaseModel]
     chunk_type: type[BaseModel]
@@ -105,6 +105,8 @@ class ResponseFormat:
         self.created = int(time.time())  # one for every chunk of the request, as OpenAI's
         self.choices = [_Choice() for _ in range(n)]
         self._token_texts: dict[int, str] = {}
+        self._chunk_head = {"id": request_id, "object": self.chunk_type.model_fields["object"].default,
+                            "created": self.created, "model": model}
 
     def add(self, index: int, delta: GenerateDelta, stream: bool) -> dict | None:
         """Take one delta; when streaming, return its chunk (None when it carries nothing to send)."""
@@ -119,8 +121,8 @@ class ResponseFormat:
             return None
         if not (delta.text or delta.finish_reason or (self.want_logprobs and entries)):
             return None
-        logprobs = self._logprobs(choice, entries) if self.want_logprobs else None
-        return self._chunk(index, choice, delta, logprobs).model_dump()
+        logprobs = self._logprobs(choice, entries).model_dump() if self.want_logprobs else None
+        return {**self._chunk_head, "choices": [self._chunk(index, choice, delta, logprobs)], "usage": None}
 
     def usage(self) -> UsageInfo:
         prompt = self.choices[0].prompt_tokens  # every choice has the same prompt; counted once, as OpenAI does
@@ -157,9 +159,8 @@ class ChatFormat(ResponseFormat):
     def _chunk(self, index, choice, delta, logprobs):
         role = None if choice.started else "assistant"
         choice.started = True
-        message = ChatMessageOut(role=role, content=delta.text)
-        return ChatCompletionChunk(**self._head(), choices=[ChatChunkChoice(
-            index=index, delta=message, logprobs=logprobs, finish_reason=delta.finish_reason)])
+        return {"index": index, "delta": {"role": role, "content": delta.text}, "logprobs": logprobs,
+                "finish_reason": delta.finish_reason}
 
     def _choice(self, index, choice, logprobs):
         message = ChatMessageOut(role="assistant", content="".join(choice.text))
@@ -181,8 +182,7 @@ class CompletionFormat(ResponseFormat):
     response_type = chunk_type = CompletionResponse
 
     def _chunk(self, index, choice, delta, logprobs):
-        return CompletionResponse(**self._head(), choices=[CompletionChoice(
-            index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason)])
+        return {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
     def _choice(self, index, choice, logprobs):
         return CompletionChoice(index=index, text="".join(choice.text), logprobs=logprobs,

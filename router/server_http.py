@@ -38,6 +38,7 @@ from pdserve.router.openai_schema import (
 from pdserve.router.openai_serving import ChatFormat, CompletionFormat, FanOut, ResponseFormat
 
 log = logging.getLogger(__name__)
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # SSE events; json.dumps would build one per call
 
 
 def build_app(core: RouterCore, *, api_key: str | None = None, max_request_bytes: int = 1 << 20,
@@ -182,7 +183,7 @@ async def _events(fan: FanOut, fmt: ResponseFormat, first, include_usage: bool):
 
 
 def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_JSON.encode(payload)}\n\n"
 
 
 async def _until_disconnected(request: Request, awaitable):

@@ -1,8 +1,12 @@
-"""OpenAI request bodies onto the core's inputs: defaults, n and seeds, the parameter an error names."""
+"""OpenAI request bodies onto the core's inputs: defaults, n and seeds, the parameter an error names; stream
+chunks in the schema's shapes."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
+from pdserve.router.frontend import GenerateDelta, Usage
 from pdserve.router.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -10,6 +14,7 @@ from pdserve.router.openai_schema import (
     chat_inputs,
     completion_inputs,
 )
+from pdserve.router.openai_serving import ChatFormat, CompletionFormat
 
 
 def test_n_gets_distinct_ids_and_consecutive_seeds():
@@ -44,3 +49,22 @@ def test_errors_name_the_parameter_as_sent(fields, param):
     with pytest.raises(ParamError) as info:
         chat_inputs(req, "c", default_max_tokens=10)
     assert info.value.param == param and info.value.message.startswith(param)
+
+
+class _Core:
+    def token_text(self, token_id: int) -> str:
+        return chr(97 + token_id)
+
+
+@pytest.mark.parametrize("fmt_type", [ChatFormat, CompletionFormat])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_stream_chunks_are_the_chunk_types_dumps(fmt_type, logprobs):
+    """Chunks are written as plain dicts: each is what its pydantic chunk type dumps, key order included."""
+    fmt = fmt_type(_Core(), "id-1", "m", n=2, logprobs=logprobs)
+    entries = [{"token_logprob": -0.5, "top": {1: -0.5, 2: -1.5}}, {"token_logprob": -0.25, "top": {0: -0.25}}]
+    deltas = [(1, GenerateDelta("ab", [0, 1], logprobs=entries)), (0, GenerateDelta("é", [2], logprobs=entries[:1])),
+              (1, GenerateDelta("", [3], "length", Usage(4, 3), entries[1:]))]
+    for index, delta in deltas:
+        chunk = fmt.add(index, delta, stream=True)
+        assert list(chunk) == list(fmt.chunk_type.model_fields)
+        assert json.dumps(chunk) == json.dumps(fmt.chunk_type.model_validate(chunk).model_dump())

@@ -4,7 +4,8 @@ engine loop (`LLMEngine.step`) running the same requests at the same batch size,
 
 Reported per stream count: output tokens/s delivered (served ÷ in-process), the mean TPOT each way and
 the difference (the per-token latency the stack adds), and the CPU seconds the server's main process
-(router, HTTP, gRPC) and this client spent per streamed token — with a 2-core machine the processes share
+(router, HTTP, gRPC) and this client spent per streamed token and per streamed chunk (the router's work is
+per chunk; tokens per chunk grow as the router falls behind) — with a 2-core machine the processes share
 cores, so the router's own ceiling is tokens ÷ its CPU seconds.
 """
 from __future__ import annotations
@@ -135,10 +136,13 @@ async def measure(api: str, url: str, requests, streams: int, pid: int, progress
         await backend.close()
     s = summarize(run.results, run.duration_s)
     tokens = max(s["total_output_tokens"], 1)
+    # streamed messages that carried tokens (over HTTP: SSE chunks with text): the router's cost is per message
+    chunks = max(sum(len(r.itl_s) + (r.ttft_s is not None) for r in run.results), 1)
     return {**{k: s[k] for k in ("completed", "failed", "errors", "duration", "total_output_tokens",
                                  "output_throughput", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms",
                                  "mean_ttft_ms")},
             "router_cpu_us_per_token": 1e6 * server_cpu / tokens, "client_cpu_us_per_token": 1e6 * client_cpu / tokens,
+            "tokens_per_chunk": tokens / chunks, "router_cpu_us_per_chunk": 1e6 * server_cpu / chunks,
             "router_cpu_bound_tokens_per_s": tokens / server_cpu if server_cpu else None}
 
 
@@ -185,7 +189,8 @@ def format_row(row: dict, apis: list[str]) -> str:
         r = row[api]
         parts.append(f"{api} {r['output_throughput']:.0f} tok/s ({r['ratio_to_engine']:.2f}x), TPOT "
                      f"{r['mean_tpot_ms']:.2f} ms (+{r['added_tpot_ms']:.2f}), router "
-                     f"{r['router_cpu_us_per_token']:.0f} us CPU/token, failed {r['failed']}")
+                     f"{r['router_cpu_us_per_token']:.0f} us CPU/token ({r['router_cpu_us_per_chunk']:.0f} per chunk "
+                     f"of {r['tokens_per_chunk']:.2f}), failed {r['failed']}")
     return " | ".join(parts)
 
 
