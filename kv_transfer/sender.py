@@ -24,6 +24,9 @@ from pdserve.kv_transfer.staging import StagingPool, copy_programs
 from pdserve.kv_transfer.trace import NO_TRACE, start_trace
 
 ReleaseBlocks = Callable[[list[int]], None]
+# A transfer not ended by its pair thread this long past its deadline is ended by `get_finished` (the thread
+# bounds its own waits by the deadline; this bounds what nothing else would: a thread that lost track of it).
+STUCK_GRACE_S = 5.0
 
 
 @dataclass
@@ -152,7 +155,14 @@ class KVSender:
         return self._book.wait(transfer_id, timeout_s, "was not sent")
 
     def get_finished(self) -> list[TransferResult]:
-        """Non-blocking: transfers that ended since the last call."""
+        """Non-blocking: transfers that ended since the last call. One that its pair thread has not ended
+        STUCK_GRACE_S past its deadline is ended here, failed: every transfer ends (and its blocks come back),
+        whatever became of that thread."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [out for out in self._book.active.values() if now > out.deadline + STUCK_GRACE_S]
+        for out in overdue:
+            self._finish(out, TransferState.FAILED, "it did not end within its deadline")
         return self._book.get_finished()
 
     def close(self) -> None:

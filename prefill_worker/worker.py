@@ -9,8 +9,6 @@ finishes it, so the KV moves while later layers still compute. Under TP every ra
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from collections.abc import Callable
 
 import ray
@@ -23,18 +21,11 @@ from pdserve.errors import ErrorCode
 from pdserve.kv_transfer import Destination, TransferState
 from pdserve.messages import KVTarget, PrefillTask
 
-log = logging.getLogger(__name__)
-
-# A transfer not ended (done or failed) this long after its own deadline is ended here: its blocks come back
-# whatever became of the thread that moves it.
-STUCK_GRACE_S = 5.0
-
 
 @dataclasses.dataclass
 class _Send:
     request_id: str
     ranks_left: int
-    deadline: float  # monotonic: past it (and STUCK_GRACE_S) the worker ends the transfer itself
     ok: bool = True
     error: str | None = None
     num_bytes: int = 0
@@ -93,8 +84,7 @@ class PrefillWorker(EngineWorker):
             if self.tp_size > 1:
                 index = self.destinations.index(target.destination)
                 self.publish(KV_SEND, send_message(target.transfer_id, index, blocks))
-            deadline = time.monotonic() + self.config.kv_transfer.timeout_s + STUCK_GRACE_S
-            self.sending[target.transfer_id] = _Send(req.request_id, self.tp_size, deadline)
+            self.sending[target.transfer_id] = _Send(req.request_id, self.tp_size)
             tids.append(target.transfer_id)
         return layer_saver(self.sender, tids)
 
@@ -115,12 +105,6 @@ class PrefillWorker(EngineWorker):
             send.num_bytes, send.seconds = send.num_bytes + num_bytes, max(send.seconds, seconds)
             if send.ranks_left == 0:
                 self._ended(tid, send)
-        now = time.monotonic()
-        for tid, send in [(t, s) for t, s in self.sending.items() if now > s.deadline]:
-            log.warning("%s: KV transfer %d of %s did not end within its deadline; its blocks are freed",
-                        self.name, tid, send.request_id)
-            send.ok, send.error = False, "it did not end within its deadline"
-            self._ended(tid, send)
 
     def _ended(self, tid: int, send: _Send) -> None:
         del self.sending[tid]

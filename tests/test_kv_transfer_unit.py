@@ -19,7 +19,7 @@ from pdserve.kv_transfer import (
     plan_sends,
 )
 from pdserve.kv_transfer.layout import message_shape
-from pdserve.kv_transfer.messages import TransferHeader, message_plan
+from pdserve.kv_transfer.messages import Endpoint, TransferHeader, message_plan
 
 
 def make_layout(tp_size=1, tp_rank=0, num_kv_heads=4, **overrides) -> KVLayout:
@@ -154,6 +154,30 @@ def test_a_transfer_cancelled_before_its_sender_starts_leaves_the_pair_to_the_ne
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_transfer_its_pair_thread_never_ends_is_ended_past_its_deadline(monkeypatch):
+    """Whatever becomes of the thread that moves a transfer, the sender ends it (failed, blocks released)
+    once it is STUCK_GRACE_S past its deadline."""
+    from pdserve.kv_transfer import sender as sender_module
+    from pdserve.kv_transfer.pair_worker import PairWorker
+
+    monkeypatch.setattr(PairWorker, "submit", lambda self, out, part: None)  # taken, never moved
+    monkeypatch.setattr(sender_module, "STUCK_GRACE_S", 0.1)
+    src, _ = _caches()
+    pool = BlockPool(16)
+    sender = KVSender(make_layout(), src, pool.give, config=TransferConfig(timeout_s=0.1))
+    try:
+        ids = pool.take(4)
+        sender.start_send(3, Destination((Endpoint(TransportKind.TORCH, "127.0.0.1", 1),)), ids)
+        assert sender.get_finished() == [] and not sender.state(3).finished
+        time.sleep(0.25)
+        [result] = sender.get_finished()
+        assert (result.transfer_id, result.state, result.error) == (3, TransferState.FAILED,
+                                                                    "it did not end within its deadline")
+        assert pool.full
+    finally:
+        sender.close()
 
 
 def test_expected_transfer_that_never_comes_fails_at_its_deadline_and_returns_blocks():
