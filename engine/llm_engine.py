@@ -237,13 +237,13 @@ class LLMEngine:
         logits = self.execute(StepBatch.build(plan, self.config.block_size, num_prev),
                               prev.sampled if prev is not None else None, layer_hook)
         out = self.runner.sample(logits, sampling) if sampling else None
-        if self.record_steps:
-            # every row one token after an output token: a decode step (a prompt's last 1-token chunk is not)
-            decode = all(n == 1 and (req.output_token_ids or req.num_pending) for req, n in plan.scheduled)
+        # every row one token after an output token: a decode step (a prompt's last 1-token chunk is not)
+        shape = (len(plan.scheduled), plan.num_tokens, all(n == 1 and (req.output_token_ids or req.num_pending)
+                                                          for req, n in plan.scheduled)) if self.record_steps else None
         self.scheduler.launched(plan, sampling)
         launched = self._copy_to_host(sampling, out)
-        if self.record_steps:
-            launched.started, launched.shape = started, (len(plan.scheduled), plan.num_tokens, decode)
+        if shape is not None:
+            launched.started, launched.shape = started, shape
         return launched
 
     def _copy_to_host(self, sampling: list[Request], out: SamplerOutput | None) -> _Launched:
